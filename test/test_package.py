@@ -1,0 +1,49 @@
+"""package.xml is valid for catkin_pkg and declares every dependency the code imports."""
+import ast
+import sys
+from pathlib import Path
+
+from catkin_pkg.package import parse_package
+
+ROOT = Path(__file__).parents[1]
+
+# import name -> rosdep key in package.xml
+ROSDEP_KEYS = {
+    "rclpy": "rclpy", "std_msgs": "std_msgs", "sensor_msgs": "sensor_msgs", "builtin_interfaces": "builtin_interfaces",
+    "diagnostic_msgs": "diagnostic_msgs", "launch": "launch", "launch_ros": "launch_ros",
+    "numpy": "python3-numpy", "cv2": "python3-opencv", "yaml": "python3-yaml", "torch": "python3-torch",
+    "transformers": "python3-transformers", "safetensors": "python3-safetensors", "tqdm": "python3-tqdm",
+    "matplotlib": "python3-matplotlib", "psutil": "python3-psutil", "rosbags": "python3-rosbags-pip",
+    "boto3": "python3-boto3", "botocore": "python3-boto3", "pycocoevalcap": "python3-pycocoevalcap-pip",
+}
+
+
+def imported_top_modules(paths):
+    modules = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    return modules - set(sys.stdlib_module_names) - {"owled_ros", "__future__"}
+
+
+def test_package_xml_parses_with_a_valid_maintainer():
+    package = parse_package(str(ROOT / "package.xml"))
+    package.validate()
+    assert package.name == "owled_ros"
+    assert all("@" in m.email for m in package.maintainers)
+    assert package.get_build_type() == "ament_cmake"
+
+
+def test_every_imported_dependency_is_a_run_dependency():
+    package = parse_package(str(ROOT / "package.xml"))
+    run_deps = {d.name for d in package.exec_depends + package.build_export_depends + package.build_depends}
+    code = list((ROOT / "owled_ros").rglob("*.py")) + list((ROOT / "launch").glob("*.py"))
+    imported = imported_top_modules(code)
+    unknown = imported - set(ROSDEP_KEYS)
+    assert not unknown, f"imports without a known rosdep key: {sorted(unknown)}"
+    missing = {ROSDEP_KEYS[m] for m in imported} - run_deps
+    assert not missing, f"package.xml lacks run dependencies: {sorted(missing)}"
+    assert "rclpy" in imported and "torch" in imported
