@@ -1,0 +1,225 @@
+"""Pruning engine: masks, allocation, Wanda by hand, sequential propagation, components, checkpoint, CLI errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models import tiny_decoder
+from owled_ros.data.calib import write_synthetic
+from owled_ros.model.checkpoint import load_weights, save_weights
+from owled_ros.model.vlm import DrivingVLM
+from owled_ros.pruning.engine import PruneSpec, prune_model
+from owled_ros.pruning.run import prune
+from owled_ros.pruning.sparsity import nm_mask, outlier_ratio, owl_allocation, row_mask
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, width, normalise):
+        super().__init__()
+        self.fc = nn.Linear(width, width, bias=False)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False) if normalise else nn.Identity()
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+class Toy(nn.Module):
+    """Two blocks; the first ends in a LayerNorm, so only it sees the planted outlier features."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.blocks = nn.ModuleList([ToyBlock(width, True), ToyBlock(width, False)])
+
+    def components(self):
+        return {"llm": self.blocks}
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def run(model, x):
+    return model(x)
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.37, 0.5, 0.7])
+def test_row_mask_removes_the_same_count_from_every_row(sparsity):
+    scores = torch.rand(17, 96)
+    mask = row_mask(scores, sparsity)
+    assert (mask.sum(1) == int(96 * sparsity)).all()
+    removed_max = torch.where(mask, scores, -1).max(1).values
+    kept_min = torch.where(~mask, scores, 2).min(1).values
+    assert (removed_max <= kept_min).all()  # lowest scores go
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_nm_mask_keeps_n_of_every_m(n, m):
+    mask = nm_mask(torch.rand(8, 64), n, m)
+    assert ((~mask).reshape(8, -1, m).sum(2) == n).all()
+
+
+def test_owl_allocation_stays_in_band_with_exact_weighted_mean():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ratios = rng.exponential(size=12)
+        weights = rng.integers(1, 10, size=12)
+        sparsities, _ = owl_allocation(ratios, 0.6, 0.08, weights)
+        s = np.array(sparsities)
+        assert s.min() >= 0.6 - 0.08 - 1e-12 and s.max() <= 0.6 + 0.08 + 1e-12
+        assert abs(np.average(s, weights=weights) - 0.6) < 1e-9
+        assert np.all(np.diff(s[np.argsort(ratios)]) <= 1e-12)  # more outliers, lower sparsity
+
+
+def test_owl_allocation_spread_is_two_lambda_for_symmetric_ratios():
+    sparsities, mean = owl_allocation([0.0, 0.5, 1.0], 0.5, 0.08)
+    assert sparsities == pytest.approx([0.58, 0.5, 0.42]) and mean == pytest.approx(0.5)
+
+
+def test_owl_allocation_floor_keeps_the_mean():
+    sparsities, _ = owl_allocation([0.0, 0.1, 0.2, 5.0], 0.05, 0.08)
+    assert min(sparsities) >= 0 and np.mean(sparsities) == pytest.approx(0.05)
+
+
+def test_outlier_ratio_counts_scores_above_m_times_mean():
+    scores = [torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 40.0])]
+    assert outlier_ratio(scores, 3.0) == pytest.approx(1 / 10)
+
+
+def test_planted_outlier_features_give_that_block_lower_sparsity():
+    torch.manual_seed(0)
+    model = Toy()
+    samples = [torch.randn(20, 32) for _ in range(16)]
+    for x in samples:
+        x[:, :2] *= 60  # planted outlier input features of block 0
+    records = prune_model(model, samples, run, PruneSpec("owl", {"llm": 0.5}, m_factor=5), progress=False)
+    assert records[0].outlier_ratio > records[1].outlier_ratio
+    assert records[0].target < 0.5 < records[1].target
+    assert (records[0].target + records[1].target) / 2 == pytest.approx(0.5)
+
+
+def test_wanda_keeps_what_a_hand_computation_keeps():
+    model = Toy(4)
+    model.blocks = nn.ModuleList([ToyBlock(4, normalise=False)])
+    weight = torch.tensor([[1.0, -2.0, 3.0, -4.0], [4.0, 3.0, -2.0, 1.0]])
+    model.blocks[0].fc.weight.data = weight.clone()
+    x = torch.tensor([[4.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.5]])  # column norms 4, 1, 1, 0.5
+    prune_model(model, [x], run, PruneSpec("wanda", {"llm": 0.5}), progress=False)
+    # scores |W| * norm: row 0 -> 4, 2, 3, 2 ; row 1 -> 16, 3, 2, 0.5 ; each row drops its two lowest
+    expected = torch.tensor([[1.0, 0.0, 3.0, 0.0], [4.0, 3.0, 0.0, 0.0]])
+    assert torch.equal(model.blocks[0].fc.weight.data, expected)
+    magnitude = Toy(4)
+    magnitude.blocks = nn.ModuleList([ToyBlock(4, normalise=False)])
+    magnitude.blocks[0].fc.weight.data = weight.clone()
+    prune_model(magnitude, None, run, PruneSpec("magnitude", {"llm": 0.5}), progress=False)
+    assert torch.equal(magnitude.blocks[0].fc.weight.data, torch.tensor([[0.0, 0.0, 3.0, -4.0], [4.0, 3.0, 0.0, 0.0]]))
+
+
+def test_sequential_pruning_feeds_pruned_outputs_to_the_next_block():
+    torch.manual_seed(1)
+    model = Toy()
+    samples = [torch.randn(10, 32) for _ in range(4)]
+    dense_first = [model.blocks[0](x).detach() for x in samples]
+    seen = []
+    model.blocks[1].fc.register_forward_hook(lambda _, args, __: seen.append(args[0].detach()))
+    prune_model(model, samples, run, PruneSpec("wanda", {"llm": 0.5}), progress=False)
+    pruned_first = [model.blocks[0](x).detach() for x in samples]
+    stats_inputs = seen[:len(samples)]  # block 1's statistics pass
+    assert all(torch.allclose(a, b) for a, b in zip(stats_inputs, pruned_first))
+    assert not any(torch.allclose(a, b) for a, b in zip(stats_inputs, dense_first))
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prune")
+    tiny_decoder().save_pretrained(root / "model")
+    write_synthetic(root / "calib", 24, seed=5)
+    (root / "text.txt").write_text(" ".join(f"The car number {i} waits at the red light near the crossing." for i in range(400)))
+    return root
+
+
+def layer_sparsities(model_dir, component):
+    model = DrivingVLM.from_pretrained(model_dir)
+    blocks = model.components()[component]
+    return {f"{i}.{n}": m.weight for i, b in enumerate(blocks) for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_component_targets_are_met_per_row_and_the_result_loads_and_answers(tiny_dirs):
+    out = tiny_dirs / "wanda"
+    report = prune(tiny_dirs / "model", out, "wanda", "llm=0.5,vision=0.25", tiny_dirs / "calib", nsamples=16,
+                   progress=False)
+    for component, target in (("llm", 0.5), ("vision", 0.25)):
+        for name, weight in layer_sparsities(out, component).items():
+            assert ((weight == 0).sum(1) >= int(weight.shape[1] * target)).all(), name
+            assert (weight == 0).float().mean().item() == pytest.approx(target, abs=1 / weight.shape[1])
+        assert report["achieved"][component] == pytest.approx(target, abs=0.02)
+    model = DrivingVLM.from_pretrained(out)
+    assert model.compression["method"] == "wanda"
+    assert isinstance(model.answer([{"CAM_FRONT": np.zeros((64, 96, 3), np.uint8)}], ["What should I do?"], 4)[0], str)
+    assert (out / "sparsity.png").stat().st_size > 0
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["calibration"]["kind"] == "driving" and len(saved["calibration"]["sha256"]) == 64
+    assert {"seconds", "peak_rss_mb", "blocks", "allocation"} <= set(saved)
+
+
+def test_owled_nm_pattern_holds_in_every_group(tiny_dirs):
+    out = tiny_dirs / "nm"
+    report = prune(tiny_dirs / "model", out, "owled", "0.5", tiny_dirs / "calib", nm="2:4", nsamples=16, progress=False)
+    kept = {tuple(b["nm"]) for b in report["blocks"]}
+    assert kept <= {(1, 4), (2, 4), (3, 4)}
+    for block in report["blocks"]:
+        n = block["nm"][0]
+        for name, weight in layer_sparsities(out, block["component"]).items():
+            if name.startswith(f"{block['index']}."):
+                assert ((weight != 0).reshape(weight.shape[0], -1, 4).sum(2) <= n).all(), name
+    assert np.mean([b["nm"][0] for b in report["blocks"]]) == 2
+
+
+def test_owl_uses_text_and_owled_needs_driving_data(tiny_dirs):
+    report = prune(tiny_dirs / "model", tiny_dirs / "owl", "owl", "0.5", tiny_dirs / "text.txt", nsamples=8,
+                   progress=False)
+    assert report["calibration"]["kind"] == "text"
+    assert report["allocation"]["llm"]["parameter_weighted_mean"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="driving data"):
+        prune(tiny_dirs / "model", tiny_dirs / "x", "owled", "0.5", tiny_dirs / "text.txt", nsamples=8)
+    assert not (tiny_dirs / "x").exists()
+
+
+def test_sparse_checkpoint_is_smaller_and_bit_identical(tmp_path):
+    weight = torch.randn(256, 256)
+    weight[row_mask(weight.abs(), 0.5)] = 0
+    weight[0, 0] = -0.0
+    save_weights(tmp_path / "dense.safetensors", {"w": weight})
+    save_weights(tmp_path / "sparse.safetensors", {"w": weight}, sparse_names={"w"})
+    ratio = (tmp_path / "sparse.safetensors").stat().st_size / (tmp_path / "dense.safetensors").stat().st_size
+    assert ratio < 0.6
+    loaded = load_weights(tmp_path / "sparse.safetensors")["w"]
+    assert torch.equal(loaded.view(torch.int32), weight.view(torch.int32))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity", "1.0"], "outside [0, 1)"),
+    (["--sparsity", "-0.1"], "outside [0, 1)"),
+    (["--nm", "4:4"], "0 < N < M"),
+    (["--calib", "EMPTY"], "no samples"),
+    (["--nsamples", "500"], "fewer than the 500 samples"),
+    (["--model", "MISSING"], "model directory not found"),
+    (["--calib", "NOPE"], "not found"),
+])
+def test_bad_input_gives_one_line_error_and_no_output(tiny_dirs, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    replace = {"EMPTY": str(tmp_path / "empty"), "MISSING": str(tmp_path / "missing"), "NOPE": str(tmp_path / "nope")}
+    base = {"--model": str(tiny_dirs / "model"), "--calib": str(tiny_dirs / "calib"), "--nsamples": "8"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = replace.get(value, value)
+    command = [sys.executable, "-m", "owled_ros.cli", "prune", "--out", str(tmp_path / "out")]
+    command += [x for kv in base.items() for x in kv]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
