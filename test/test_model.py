@@ -1,0 +1,127 @@
+"""Driving VLM: both families answer, save/load round trips, EM-VLM4AD import, clear load errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models import TINY_VISION, tiny_decoder, tiny_t5, tiny_t5_dir
+from owled_ros.data.world import CAMERAS, qa, render, sample_scene
+from owled_ros.model.build import import_emvlm4ad, load_smollm2
+from owled_ros.model.vlm import DrivingVLM, ModelLoadError
+
+QUESTIONS = ["What should the ego vehicle do?", "What are the important objects in the current scene?"]
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return render(sample_scene(11), CAMERAS, 64, 96)
+
+
+def same_outputs(a, b, frames):
+    assert a.answer([frames] * 2, QUESTIONS, 6) == b.answer([frames] * 2, QUESTIONS, 6)
+    with torch.no_grad():
+        assert torch.equal(a([frames], QUESTIONS[:1], ["Stop."]), b([frames], QUESTIONS[:1], ["Stop."]))
+
+
+def test_t5_family_saves_reloads_and_gives_identical_outputs(tmp_path, frames):
+    model = tiny_t5(tmp_path)
+    assert set(model.components()) == {"vision", "llm.encoder", "llm.decoder"}
+    model.save_pretrained(tmp_path / "saved")
+    same_outputs(model, DrivingVLM.from_pretrained(tmp_path / "saved"), frames)
+
+
+def test_decoder_family_round_trip_and_missing_views(tmp_path, frames):
+    model = tiny_decoder()
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = DrivingVLM.from_pretrained(tmp_path / "saved")
+    same_outputs(model, reloaded, frames)
+    front_only = {"CAM_FRONT": frames["CAM_FRONT"]}
+    assert reloaded.answer([front_only], QUESTIONS[:1], 4) == model.answer([front_only], QUESTIONS[:1], 4)
+    with pytest.raises(ValueError, match="unknown camera"):
+        model.answer([{"CAM_ROOF": frames["CAM_FRONT"]}], QUESTIONS[:1])
+
+
+def test_images_change_the_input_to_the_language_model(frames):
+    model = tiny_decoder()
+    other = render(sample_scene(12), CAMERAS, 64, 96)
+    with torch.no_grad():
+        assert not torch.allclose(model.image_tokens([frames]), model.image_tokens([other]))
+
+
+def test_gated_pooling_ignores_missing_views(frames):
+    model = tiny_decoder()
+    pixels, mask = model.pixels([{"CAM_FRONT": frames["CAM_FRONT"], "CAM_BACK": frames["CAM_BACK"]}])
+    with torch.no_grad():
+        _, weights = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)
+    assert weights[0, [1, 2, 4, 5]].sum() == 0 and weights[0].sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.safetensors").unlink(), "lacks model.safetensors"),
+    (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "corrupt or incomplete"),
+    (lambda d: (d / "tokenizer.json").unlink() or (d / "tokenizer_config.json").unlink(), "tokenizer"),
+    (lambda d: (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | {"format": "x"})), "format"),
+])
+def test_corrupt_directory_names_the_bad_file(tmp_path, damage, message):
+    tiny_decoder().save_pretrained(tmp_path / "m")
+    damage(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match=message):
+        DrivingVLM.from_pretrained(tmp_path / "m")
+
+
+def emvlm4ad_state(t5_dir):
+    """A state dict with EM-VLM4AD's (DriveVLMT5) key names, as its training script saves it."""
+    from transformers import T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration.from_pretrained(t5_dir)
+    width, tokens = 768, 49
+    state = {f"model.{k}": v for k, v in t5.state_dict().items()}
+    state |= {"mvp.img_model.conv_proj.weight": torch.randn(width, 3, 32, 32) * 0.02,
+              "mvp.img_model.conv_proj.bias": torch.randn(width) * 0.02,
+              "mvp.img_model.class_token": torch.randn(1, 1, width),
+              "mvp.img_model.encoder.pos_embedding": torch.randn(1, tokens + 1, width) * 0.02,
+              "mvp.img_model.encoder.layers.encoder_layer_0.ln_1.weight": torch.ones(width),  # unused ViT layers
+              "mvp.modal_embeddings.weight": torch.randn(2, t5.config.d_model) * 0.02,
+              "mvp.w.weight": torch.randn(1, 128), "mvp.w.bias": torch.randn(1),
+              "mvp.Z.0.weight": torch.randn(128, width * tokens) * 0.001,
+              "mvp.G.0.weight": torch.randn(128, width * tokens) * 0.001,
+              "mvp.img_projection_layer.weight": torch.randn(t5.config.d_model, width) * 0.02,
+              "mvp.img_projection_layer.bias": torch.zeros(t5.config.d_model)}
+    return state
+
+
+def test_emvlm4ad_checkpoint_import(tmp_path, frames):
+    t5_dir = tiny_t5_dir(tmp_path / "t5")
+    state = emvlm4ad_state(t5_dir)
+    torch.save(state, tmp_path / "latest_model.pth")
+    model = import_emvlm4ad(tmp_path / "latest_model.pth", t5_dir)
+    assert torch.equal(model.vision.Z[0].weight, state["mvp.Z.0.weight"])
+    assert torch.equal(model.vision.pos_embedding, state["mvp.img_model.encoder.pos_embedding"])
+    assert torch.equal(model.lm.shared.weight, state["model.shared.weight"])
+    assert model.config["image_position"] == "after" and model.vision.tokens == 49
+    model.save_pretrained(tmp_path / "imported")
+    same_outputs(model, DrivingVLM.from_pretrained(tmp_path / "imported"), frames)
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="cannot read EM-VLM4AD checkpoint"):
+        import_emvlm4ad(tmp_path / "bad.pth", t5_dir)
+
+
+def test_real_smollm2_weights_load_offline_and_answer_in_english():
+    lm, tokenizer = load_smollm2()
+    assert 130e6 < sum(p.numel() for p in lm.parameters()) < 140e6
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What does a red traffic light mean?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = lm.generate(**ids, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).lower()
+    assert any(word in text for word in ("red", "stop", "light", "traffic")), text
+
+
+def test_synthetic_world_is_seeded_and_has_ground_truth():
+    a, b = sample_scene(5), sample_scene(5)
+    assert a.truth() == b.truth()
+    assert np.array_equal(render(a)["CAM_FRONT"], render(b)["CAM_FRONT"])
+    pairs = qa(a)
+    assert {p["category"] for p in pairs} == {"perception", "prediction", "planning", "behavior"}
+    assert any(p["answer"].lower().startswith(a.truth()["action"].replace("_", " ").split()[0]) for p in pairs)
