@@ -6,34 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from disk only
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def cache_dir():
-    return Path(os.environ.get("OWLED_HOME", Path.home() / ".cache" / "owled_ros"))
-
-
-def default_model_dir():
-    return cache_dir() / "models" / "owled-smollm2-135m"
-
-
-def resolve_model(name, build=True):
-    """'default' (built on first use) or a model directory."""
-    if name != "default":
-        return Path(name)
-    directory = default_model_dir()
-    if build and not (directory / "config.json").is_file():
-        from .model.build import build_default
-
-        print(f"building the default model into {directory} (one time, a few minutes)", file=sys.stderr)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        build_default(directory)
-    return directory
+from .model.build import resolve_model
 
 
 def cmd_build_default(args):
-    from .model.build import build_default
+    from .model.build import build_default, default_model_dir
 
     out = Path(args.out) if args.out else default_model_dir()
     out.parent.mkdir(parents=True, exist_ok=True)

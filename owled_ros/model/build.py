@@ -2,6 +2,8 @@
 world) and the EM-VLM4AD family (T5 from a local directory, optional EM-VLM4AD checkpoint import)."""
 import importlib.util
 import logging
+import os
+import sys
 import random
 import time
 from pathlib import Path
@@ -185,3 +187,23 @@ def build_default(directory, minutes=4.0):
     model.save_pretrained(tmp)
     tmp.rename(directory)
     return model
+
+
+def cache_dir():
+    return Path(os.environ.get("OWLED_HOME", Path.home() / ".cache" / "owled_ros"))
+
+
+def default_model_dir():
+    return cache_dir() / "models" / DEFAULT_MODEL_ID
+
+
+def resolve_model(name, build=True):
+    """'default' (the embedded default, built on first use) or a model directory."""
+    if name != "default":
+        return Path(name)
+    directory = default_model_dir()
+    if build and not (directory / "config.json").is_file():
+        print(f"building the default model into {directory} (one time, a few minutes)", file=sys.stderr)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        build_default(directory)
+    return directory

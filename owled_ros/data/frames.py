@@ -1,0 +1,72 @@
+"""Grouping camera views into frame sets by approximate time, and a newest-only hand-off slot."""
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FrameSet:
+    stamp_ns: int  # newest view's stamp
+    images: dict  # camera -> RGB array
+    missing: list = field(default_factory=list)
+    frame_id: str = ""
+
+
+class FrameSync:
+    """Collects the newest view of each camera; a set is complete when every camera has a view within
+    `slop_s` of the newest. After `timeout_s` (wall time) without completion, the views at hand go out
+    as a partial set with the rest reported missing."""
+
+    def __init__(self, cameras, slop_s=0.1, timeout_s=1.0, clock=time.monotonic):
+        self.cameras, self.slop_ns, self.timeout_s, self.clock = list(cameras), int(slop_s * 1e9), timeout_s, clock
+        self.views, self.first_arrival = {}, None
+        self.lock = threading.Lock()
+
+    def add(self, camera, stamp_ns, image, frame_id=""):
+        """Returns a complete FrameSet or None."""
+        with self.lock:
+            self.views[camera] = (stamp_ns, image, frame_id)
+            self.first_arrival = self.first_arrival or self.clock()
+            newest = max(s for s, _, _ in self.views.values())
+            present = {c for c, (s, _, _) in self.views.items() if newest - s <= self.slop_ns}
+            if present == set(self.cameras):
+                return self._take(present)
+        return None
+
+    def poll(self):
+        """A partial FrameSet once the timeout has passed, else None."""
+        with self.lock:
+            if self.first_arrival is None or self.clock() - self.first_arrival < self.timeout_s:
+                return None
+            newest = max(s for s, _, _ in self.views.values())
+            return self._take({c for c, (s, _, _) in self.views.items() if newest - s <= self.slop_ns})
+
+    def _take(self, present):
+        views = {c: self.views[c] for c in self.cameras if c in present}
+        stamp = max(s for s, _, _ in views.values())
+        frame_id = views.get(self.cameras[0], next(iter(views.values())))[2]
+        self.views, self.first_arrival = {}, None
+        return FrameSet(stamp, {c: img for c, (_, img, _) in views.items()},
+                        [c for c in self.cameras if c not in present], frame_id)
+
+
+class LatestSlot:
+    """Holds only the newest item; putting over an unconsumed item counts a drop. Never grows."""
+
+    def __init__(self):
+        self.item, self.dropped = None, 0
+        self.condition = threading.Condition()
+
+    def put(self, item):
+        with self.condition:
+            if self.item is not None:
+                self.dropped += 1
+            self.item = item
+            self.condition.notify()
+
+    def take(self, timeout=None):
+        with self.condition:
+            if self.item is None:
+                self.condition.wait(timeout)
+            item, self.item = self.item, None
+            return item

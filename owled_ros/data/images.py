@@ -1,0 +1,61 @@
+"""sensor_msgs/Image and CompressedImage -> RGB numpy arrays, with the checks a camera driver's bugs need.
+
+Works on any object with the message's fields (rclpy messages, rosbags messages), so the nodes and the
+bag importer share it. No cv_bridge: numpy for raw encodings, OpenCV for JPEG/PNG.
+"""
+import cv2
+import numpy as np
+
+CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
+TO_RGB = {"rgb8": None, "bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB, "bgra8": cv2.COLOR_BGRA2RGB,
+          "mono8": cv2.COLOR_GRAY2RGB}
+
+
+class ImageError(ValueError):
+    """A frame that cannot be converted; `reason` is a short counter key."""
+
+    def __init__(self, reason, detail):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _bytes(data):
+    return np.frombuffer(bytes(data) if not isinstance(data, (bytes, bytearray, np.ndarray)) else data, np.uint8)
+
+
+def image_to_rgb(msg):
+    encoding = msg.encoding.lower()
+    if encoding not in CHANNELS:
+        raise ImageError("unsupported_encoding", f"{msg.encoding!r} (supported: {', '.join(CHANNELS)})")
+    channels = CHANNELS[encoding]
+    height, width, step = msg.height, msg.width, msg.step
+    if height == 0 or width == 0:
+        raise ImageError("bad_size", f"{width}x{height}")
+    if step < width * channels:
+        raise ImageError("bad_step", f"step {step} < width {width} x {channels} channels")
+    data = _bytes(msg.data)
+    if data.size < step * height:
+        raise ImageError("truncated", f"{data.size} bytes, expected {step * height}")
+    rows = data[: step * height].reshape(height, step)[:, : width * channels]
+    image = rows.reshape(height, width, channels) if channels > 1 else rows.reshape(height, width)
+    return np.ascontiguousarray(image) if TO_RGB[encoding] is None else cv2.cvtColor(image, TO_RGB[encoding])
+
+
+def compressed_to_rgb(msg):
+    data = _bytes(msg.data)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ImageError("corrupt_compressed", f"format {msg.format!r}, {data.size} bytes do not decode")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def to_rgb(msg, compressed):
+    return compressed_to_rgb(msg) if compressed else image_to_rgb(msg)
+
+
+def rgb_to_fields(rgb, encoding="rgb8"):
+    """(height, width, encoding, step, data) of a raw image message holding an RGB array."""
+    image = {"rgb8": rgb, "bgr8": rgb[..., ::-1], "bgra8": cv2.cvtColor(rgb, cv2.COLOR_RGB2BGRA),
+             "rgba8": cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA), "mono8": cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)}[encoding]
+    image = np.ascontiguousarray(image)
+    return image.shape[0], image.shape[1], encoding, image.strides[0], image.tobytes()

@@ -1,0 +1,253 @@
+"""Drive node: camera topics in -> PerceptionDescription, PredictedAction, QAAnswer (+ diagnostics) out.
+
+Callbacks only convert and group images; one worker thread runs the model on the newest complete frame
+set (older unprocessed sets are dropped and counted) and answers queued questions.
+"""
+import collections
+import math
+import threading
+import time
+import uuid
+
+import numpy as np
+import rclpy
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+
+from owled_ros.data.frames import FrameSync, LatestSlot
+from owled_ros.data.images import ImageError, to_rgb
+from owled_ros.eval.parse import parse_action, parse_description, parse_speed
+from owled_ros.msg import ModelInfo, ObjectDescription, PerceptionDescription, PredictedAction, QAAnswer, Question
+from owled_ros.srv import Ask
+
+ACTION_CODES = {"keep_lane": PredictedAction.ACTION_KEEP_LANE, "slow_down": PredictedAction.ACTION_SLOW_DOWN,
+                "stop": PredictedAction.ACTION_STOP, "turn_left": PredictedAction.ACTION_TURN_LEFT,
+                "turn_right": PredictedAction.ACTION_TURN_RIGHT, "change_lane_left": PredictedAction.ACTION_CHANGE_LANE_LEFT,
+                "change_lane_right": PredictedAction.ACTION_CHANGE_LANE_RIGHT,
+                "accelerate": PredictedAction.ACTION_ACCELERATE}
+CARLA_TOPICS = ["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
+                "/carla/ego_vehicle/rgb_front_right/image", "/carla/ego_vehicle/rgb_back/image",
+                "/carla/ego_vehicle/rgb_back_left/image", "/carla/ego_vehicle/rgb_back_right/image"]
+NUSCENES_CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
+
+
+def declare_camera_parameters(node):
+    """Camera parameters shared by the drive and recorder nodes: topics, view names, transports, grouping."""
+    node.declare_parameter("camera_topics", CARLA_TOPICS)
+    node.declare_parameter("camera_names", NUSCENES_CAMERAS)
+    node.declare_parameter("camera_transports", ["raw"] * len(CARLA_TOPICS))  # raw | compressed, per topic
+    node.declare_parameter("sync_slop_s", 0.1)
+    node.declare_parameter("view_timeout_s", 1.0)
+    topics, names, transports = (node.get_parameter(p).value for p in ("camera_topics", "camera_names", "camera_transports"))
+    if not (len(topics) == len(names) == len(transports)) or not 1 <= len(topics) <= 6:
+        raise ValueError("camera_topics, camera_names and camera_transports need the same length, 1 to 6")
+    if set(transports) - {"raw", "compressed"}:
+        raise ValueError(f"camera_transports must be raw or compressed, got {transports}")
+    return list(zip(topics, names, transports))
+
+
+class CameraInput:
+    """Subscribes to the cameras, converts images (counting bad ones) and groups them into frame sets."""
+
+    def __init__(self, node, on_frame_set):
+        self.node, self.on_frame_set = node, on_frame_set
+        self.cameras = declare_camera_parameters(node)
+        self.sync = FrameSync([name for _, name, _ in self.cameras], node.get_parameter("sync_slop_s").value,
+                              node.get_parameter("view_timeout_s").value)
+        self.bad_images = collections.Counter()
+        for topic, name, transport in self.cameras:
+            kind = CompressedImage if transport == "compressed" else Image
+            node.create_subscription(kind, topic, lambda msg, n=name, c=transport == "compressed": self.on_image(msg, n, c),
+                                     qos_profile_sensor_data)
+        node.create_timer(0.05, self.on_timer)
+
+    def on_image(self, msg, camera, compressed):
+        try:
+            rgb = to_rgb(msg, compressed)
+        except ImageError as error:
+            self.bad_images[error.reason] += 1
+            self.node.get_logger().warning(f"dropped {camera} frame: {error} ({sum(self.bad_images.values())} bad so far)",
+                                           throttle_duration_sec=2.0)
+            return
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        frame_set = self.sync.add(camera, stamp, rgb, msg.header.frame_id)
+        if frame_set is not None:
+            self.on_frame_set(frame_set)
+
+    def on_timer(self):
+        frame_set = self.sync.poll()
+        if frame_set is not None:
+            self.node.get_logger().warning(f"partial frame set, missing {frame_set.missing}", throttle_duration_sec=5.0)
+            self.on_frame_set(frame_set)
+
+
+def stamp_msg(stamp_ns):
+    return Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
+
+
+class DriveNode(Node):
+    def __init__(self):
+        super().__init__("owled_drive")
+        self.declare_parameter("model_dir", "default")
+        self.declare_parameter("device", "cpu")
+        self.declare_parameter("max_new_tokens", 48)
+        self.declare_parameter("max_rate_hz", 1.0)
+        self.declare_parameter("perception_question", "What are the important objects in the current scene?")
+        self.declare_parameter("action_question", "What should the ego vehicle do?")
+        self.declare_parameter("latency_window", 50)
+        self.declare_parameter("question_queue", 16)
+        param = lambda name: self.get_parameter(name).value
+
+        from owled_ros.model.build import resolve_model
+        from owled_ros.model.vlm import DrivingVLM
+
+        self.model = DrivingVLM.from_pretrained(resolve_model(param("model_dir"))).to(param("device"))
+        self.model_lock = threading.Lock()
+        compression = self.model.compression
+        nm = compression.get("nm") or [0, 0]
+        self.model_info = ModelInfo(model_id=self.model.model_id, method=compression["method"],
+                                    sparsity=float(compression["sparsity"]), nm_n=nm[0], nm_m=nm[1])
+        self.max_new_tokens, self.min_period = param("max_new_tokens"), 1.0 / param("max_rate_hz")
+        self.perception_question, self.action_question = param("perception_question"), param("action_question")
+        self.latencies = collections.deque(maxlen=param("latency_window"))
+        self.questions = collections.deque(maxlen=param("question_queue"))
+        self.processed = 0
+        self.latest = None  # newest processed frame set, for questions
+        self.slot = LatestSlot()
+
+        self.perception_pub = self.create_publisher(PerceptionDescription, "/owled/perception", 10)
+        self.action_pub = self.create_publisher(PredictedAction, "/owled/action", 10)
+        self.answer_pub = self.create_publisher(QAAnswer, "/owled/answers", 10)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_subscription(Question, "/owled/questions", self.on_question, 10)
+        self.create_service(Ask, "/owled/ask", self.on_ask, callback_group=ReentrantCallbackGroup())
+        self.cameras = CameraInput(self, self.slot.put)
+        self.create_timer(1.0, self.publish_diagnostics)
+        self.running = True
+        self.worker = threading.Thread(target=self.work, daemon=True)
+        self.worker.start()
+        self.get_logger().info(f"model {self.model_info.model_id} ({self.model_info.method}, sparsity "
+                               f"{self.model_info.sparsity:.3f}) on cameras {[c for _, c, _ in self.cameras.cameras]}")
+
+    # ----- inference (worker thread) -----
+    def infer(self, frame_set, questions):
+        with self.model_lock:
+            start = time.perf_counter()
+            answers = self.model.answer([frame_set.images] * len(questions), questions, self.max_new_tokens)
+            return answers, time.perf_counter() - start
+
+    def work(self):
+        while self.running:
+            frame_set = self.slot.take(timeout=0.2)
+            if frame_set is not None:
+                started = time.monotonic()
+                self.process(frame_set)
+                self.latest = frame_set
+                time.sleep(max(0.0, self.min_period - (time.monotonic() - started)))
+            while self.questions and self.latest is not None:
+                self.answer_question(self.questions.popleft())
+
+    def header(self, frame_set):
+        return Header(stamp=stamp_msg(frame_set.stamp_ns), frame_id=frame_set.frame_id)
+
+    def process(self, frame_set):
+        (description, action_text), latency = self.infer(frame_set, [self.perception_question, self.action_question])
+        self.latencies.append(latency)
+        self.processed += 1
+        self.perception_pub.publish(self.perception_message(frame_set, description, latency))
+        self.action_pub.publish(self.action_message(frame_set, action_text, latency))
+
+    def perception_message(self, frame_set, description, latency):
+        parsed = parse_description(description)
+        objects = [ObjectDescription(label=label, camera="", has_box=False, position="", distance_m=math.nan,
+                                     motion=ObjectDescription.MOTION_UNKNOWN, score=math.nan)
+                   for label, key in (("vehicle", "n_cars"), ("pedestrian", "n_pedestrians")) for _ in range(parsed[key] or 0)]
+        if parsed["light"] not in (None, "none"):
+            objects.append(ObjectDescription(label="traffic_light", position="ahead", distance_m=math.nan,
+                                             state=parsed["light"], score=math.nan))
+        return PerceptionDescription(header=self.header(frame_set), description=description, objects=objects,
+                                     cameras_used=list(frame_set.images), cameras_missing=frame_set.missing,
+                                     model=self.model_info, latency_s=latency)
+
+    def action_message(self, frame_set, text, latency):
+        action = parse_action(text)
+        speed = parse_speed(text)
+        return PredictedAction(header=self.header(frame_set), action=ACTION_CODES.get(action, PredictedAction.ACTION_UNKNOWN),
+                               action_label=action, rationale=text, confidence=math.nan,
+                               has_target_speed=speed is not None, target_speed_mps=speed or 0.0,
+                               model=self.model_info, latency_s=latency)
+
+    # ----- questions -----
+    def on_question(self, msg):
+        if len(self.questions) == self.questions.maxlen:
+            self.get_logger().warning("question queue full; dropping the oldest question")
+        self.questions.append(msg)
+
+    def answer_question(self, question):
+        frame_set = self.latest
+        (answer,), latency = self.infer(frame_set, [question.question])
+        message = QAAnswer(header=self.header(frame_set), question_id=question.question_id or uuid.uuid4().hex[:8],
+                           category=question.category, question=question.question, answer=answer,
+                           model=self.model_info, latency_s=latency)
+        self.answer_pub.publish(message)
+        return message
+
+    def on_ask(self, request, response):
+        if self.latest is None:
+            response.success, response.message = False, "no frame set received yet"
+            return response
+        response.answer = self.answer_question(request)
+        response.success, response.message = True, "ok"
+        return response
+
+    # ----- diagnostics -----
+    def stats(self):
+        latencies = np.array(self.latencies) if self.latencies else np.array([math.nan])
+        return {"processed_frame_sets": self.processed, "dropped_frame_sets": self.slot.dropped,
+                "bad_images": sum(self.cameras.bad_images.values()),
+                **{f"bad_images.{k}": v for k, v in sorted(self.cameras.bad_images.items())},
+                "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
+                "model_id": self.model_info.model_id, "method": self.model_info.method,
+                "sparsity": round(self.model_info.sparsity, 4)}
+
+    def publish_diagnostics(self):
+        stats = self.stats()
+        status = DiagnosticStatus(level=DiagnosticStatus.OK, name="owled_drive", hardware_id=self.model_info.model_id,
+                                  message=f"{stats['processed_frame_sets']} processed, {stats['dropped_frame_sets']} dropped",
+                                  values=[KeyValue(key=k, value=str(v)) for k, v in stats.items()])
+        self.diagnostics_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
+        self.get_logger().info(" ".join(f"{k}={v}" for k, v in stats.items() if "." not in k), throttle_duration_sec=10.0)
+
+    def destroy_node(self):
+        self.running = False
+        self.worker.join(timeout=5)
+        super().destroy_node()
+
+
+def spin(node_class):
+    """Run a node until SIGINT/SIGTERM with a multi-threaded executor."""
+    rclpy.init()
+    node = node_class()
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def main():
+    spin(DriveNode)
+
+
+if __name__ == "__main__":
+    main()
