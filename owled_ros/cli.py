@@ -57,6 +57,39 @@ def cmd_calib_synth(args):
     print(f"wrote {len(samples)} synthetic frame sets to {args.out}")
 
 
+def cmd_calib_from_bag(args):
+    from .data.bags import carla_topics, import_bag
+
+    topics = dict(zip(args.cameras, args.topics)) if args.topics else carla_topics(args.role)
+    written, bad = import_bag(args.bag, args.out, topics, args.slop, args.vehicle)
+    print(f"imported {written} frame sets from {args.bag} into {args.out} ({bad} bad frames skipped)")
+
+
+def cmd_calib_push(args):
+    from .data.store import push
+
+    uploaded = push(args.set, args.url, args.endpoint_url)
+    print(f"uploaded {len(uploaded)} shard(s) to {args.url}: {', '.join(uploaded) or 'none new'}")
+
+
+def cmd_calib_pull(args):
+    from .data.store import pull
+
+    print(f"calibration set in {pull(args.url, args.out, args.endpoint_url)}")
+
+
+def cmd_replay(args):
+    from .nodes.replay import replay
+
+    replay(args.bag, args.rate, args.loop, args.topics, args.wait_subscribers)
+
+
+def cmd_demo(args):
+    from .nodes.demo import run_demo
+
+    run_demo(Path(args.workdir), args.frames, args.sparsity)
+
+
 def parser():
     p = argparse.ArgumentParser(prog="owled", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -96,6 +129,37 @@ def parser():
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--vehicle", default="sim")
     s.set_defaults(func=cmd_calib_synth)
+    s = calib.add_parser("from-bag", help="turn a rosbag2's camera topics into a calibration set")
+    s.add_argument("bag")
+    s.add_argument("out")
+    s.add_argument("--topics", nargs="+", help="image topics (default: CARLA ROS bridge cameras)")
+    s.add_argument("--cameras", nargs="+", default=["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK",
+                                                     "CAM_BACK_LEFT", "CAM_BACK_RIGHT"], help="view name per topic")
+    s.add_argument("--role", default="ego_vehicle", help="CARLA role name in the default topics")
+    s.add_argument("--slop", type=float, default=0.1, help="seconds between views of one frame set")
+    s.add_argument("--vehicle", default="bag")
+    s.set_defaults(func=cmd_calib_from_bag)
+    for name, func, help_text in (("push", cmd_calib_push, "upload completed shards to s3://bucket/prefix"),
+                                  ("pull", cmd_calib_pull, "download complete shards from s3://bucket/prefix")):
+        s = calib.add_parser(name, help=help_text)
+        s.add_argument("set" if name == "push" else "url")
+        s.add_argument("url" if name == "push" else "out")
+        s.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("replay", help="publish a rosbag2's camera topics live with the original timing")
+    s.add_argument("bag")
+    s.add_argument("--rate", type=float, default=1.0)
+    s.add_argument("--loop", action="store_true")
+    s.add_argument("--topics", nargs="+")
+    s.add_argument("--wait-subscribers", type=int, default=0, help="wait (up to 30 s) for this many subscribers per topic")
+    s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("demo", help="the whole loop on the default model: drive bag -> recorder -> OWLed -> drive node")
+    s.add_argument("--workdir", default="runs/demo")
+    s.add_argument("--frames", type=int, default=16)
+    s.add_argument("--sparsity", default="0.5")
+    s.set_defaults(func=cmd_demo)
     return p
 
 

@@ -54,8 +54,15 @@ def text_samples(path, tokenizer, nsamples, seed=0, tokens=TEXT_TOKENS):
     return chunks, {"kind": "text", "source": str(path), "sha256": digest, "tokens": len(ids)}
 
 
-def load(source, tokenizer, nsamples, seed=0):
-    """(samples, run(model, sample), info) for a calibration directory or text file."""
+def load(source, tokenizer, nsamples, seed=0, cache=None):
+    """(samples, run(model, sample), info) for a calibration directory, text file or s3://bucket/prefix."""
+    if str(source).startswith("s3://"):
+        from ..data.store import pull
+        from ..model.build import cache_dir
+
+        local = Path(cache or cache_dir() / "calibration" / hashlib.sha256(str(source).encode()).hexdigest()[:16])
+        samples, run, info = load(pull(str(source), local), tokenizer, nsamples, seed)
+        return samples, run, info | {"source": str(source)}
     path = Path(source)
     if path.is_dir():
         samples, info = driving_samples(path, nsamples, seed)

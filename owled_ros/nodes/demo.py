@@ -1,0 +1,118 @@
+"""`owled demo`: synthetic drive bag -> recorder node -> OWLed pruning -> drive node on the pruned model."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import rclpy
+
+from owled_ros.data.bags import write_synthetic_drive
+from owled_ros.data.calib import read_samples
+from owled_ros.model.build import resolve_model
+from owled_ros.msg import PerceptionDescription, PredictedAction, QAAnswer, Question
+from owled_ros.pruning.run import prune
+
+QUESTION = "Will a pedestrian cross in front of the ego vehicle?"
+
+
+def node_process(module, params, log):
+    args = [sys.executable, "-m", module, "--ros-args"] + [x for k, v in params.items() for x in ("-p", f"{k}:={v}")]
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+
+def replay(bag, log):
+    subprocess.run([sys.executable, "-m", "owled_ros.cli", "replay", str(bag), "--wait-subscribers", "1"],
+                   stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def stop(process):
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def size_mb(path):
+    return (Path(path) / "model.safetensors").stat().st_size / 2**20
+
+
+def run_demo(workdir, frames=16, sparsity="0.5"):
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    log = open(workdir / "nodes.log", "w")
+    timings = {}
+    start = time.monotonic()
+    dense = resolve_model("default")
+    timings["model"] = time.monotonic() - start
+
+    step = time.monotonic()
+    bag = write_synthetic_drive(workdir / "drive_bag", frames, rate_hz=2.0, seed=2026)
+    print(f"[1/4] wrote a {frames}-frame 6-camera synthetic drive: {bag}")
+    recorder = node_process("owled_ros.nodes.recorder_node", {"output_dir": workdir / "calibration",
+                                                               "vehicle_id": "demo", "min_interval_s": 0.4,
+                                                               "shard_size": 8}, log)
+    replay(bag, log)
+    stop(recorder)
+    recorded = len(read_samples(workdir / "calibration"))
+    timings["record"] = time.monotonic() - step
+    print(f"[2/4] recorder node kept {recorded} frame sets in {workdir / 'calibration'}")
+
+    step = time.monotonic()
+    report = prune(dense, workdir / "pruned", "owled", sparsity, workdir / "calibration", nsamples=recorded,
+                   progress=False)
+    timings["prune"] = time.monotonic() - step
+    print(f"[3/4] OWLed pruning: achieved sparsity {report['achieved']['pruned_components']:.3f} of the language model")
+
+    step = time.monotonic()
+    drive = node_process("owled_ros.nodes.drive_node", {"model_dir": workdir / "pruned", "max_rate_hz": 2.0}, log)
+    received = {"perception": [], "action": [], "answers": []}
+    rclpy.init()
+    node = rclpy.create_node("owled_demo")
+    for key, kind in (("perception", PerceptionDescription), ("action", PredictedAction), ("answers", QAAnswer)):
+        node.create_subscription(kind, f"/owled/{key}", received[key].append, 10)
+    asker = node.create_publisher(Question, "/owled/questions", 10)
+    player = subprocess.Popen([sys.executable, "-m", "owled_ros.cli", "replay", str(bag), "--wait-subscribers", "1"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    asked = False
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (player.poll() is None or len(received["answers"]) < 1
+                                           or len(received["perception"]) < 2):
+        rclpy.spin_once(node, timeout_sec=0.1)
+        if received["perception"] and not asked:
+            asker.publish(Question(question_id="demo-1", category="prediction", question=QUESTION))
+            asked = True
+    stop(drive)
+    node.destroy_node()
+    rclpy.shutdown()
+    timings["drive"] = time.monotonic() - step
+    print(f"[4/4] drive node on the pruned model answered while the bag replayed\n")
+
+    for message in received["perception"]:
+        print(f"perception @{message.header.stamp.sec}.{message.header.stamp.nanosec:09d}: {message.description!r} "
+              f"({len(message.objects)} objects, {message.latency_s:.2f} s)")
+    for message in received["action"]:
+        print(f"action     @{message.header.stamp.sec}.{message.header.stamp.nanosec:09d}: {message.action_label} "
+              f"- {message.rationale!r}")
+    for message in received["answers"]:
+        print(f"answer     [{message.question_id}] {message.question} -> {message.answer!r}")
+    latencies = [m.latency_s for m in received["perception"]]
+    summary = {"model": received["perception"][0].model.model_id if latencies else None,
+               "sparsity_llm": round(report["achieved"]["pruned_components"], 4),
+               "size_mb_dense": round(size_mb(dense), 1), "size_mb_pruned": round(size_mb(workdir / "pruned"), 1),
+               "frame_sets_processed": len(latencies),
+               "latency_p50_s": round(float(np.percentile(latencies, 50)), 2) if latencies else None,
+               "latency_p95_s": round(float(np.percentile(latencies, 95)), 2) if latencies else None,
+               "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    print("\nreport: " + json.dumps(summary, indent=2))
+    (workdir / "demo_report.json").write_text(json.dumps(summary, indent=2))
+    if not (received["perception"] and received["action"] and received["answers"]):
+        raise RuntimeError(f"demo received too little from the drive node (see {workdir / 'nodes.log'})")
+    return summary

@@ -1,0 +1,62 @@
+"""`owled replay BAG`: publish a rosbag2's camera topics live with the original timing (rate factor, loop)."""
+import time
+
+import rclpy
+from builtin_interfaces.msg import Time
+from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+
+from owled_ros.data.bags import COMPRESSED, camera_messages
+from rosbags.rosbag2 import Reader
+
+
+def to_ros(msgtype, message):
+    header = Header(stamp=Time(sec=message.header.stamp.sec, nanosec=message.header.stamp.nanosec),
+                    frame_id=message.header.frame_id)
+    if msgtype == COMPRESSED:
+        return CompressedImage(header=header, format=message.format, data=message.data.tobytes())
+    return Image(header=header, height=message.height, width=message.width, encoding=message.encoding,
+                 is_bigendian=message.is_bigendian, step=message.step, data=message.data.tobytes())
+
+
+def image_topics(bag):
+    with Reader(bag) as reader:
+        return sorted({c.topic for c in reader.connections if c.msgtype.endswith(("/Image", "/CompressedImage"))})
+
+
+def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_timeout=30.0, log=print):
+    """Publish the bag's image topics; returns the number of messages published."""
+    if rate <= 0:
+        raise ValueError(f"--rate must be positive, got {rate}")
+    topics = topics or image_topics(bag)
+    if not topics:
+        raise ValueError(f"bag {bag} has no image topics")
+    rclpy.init()
+    node = rclpy.create_node("owled_replay")
+    qos = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
+    publishers, published = {}, 0
+    try:
+        end = time.monotonic() + wait_timeout
+        while True:
+            first_ns, started = None, time.monotonic()
+            for topic, timestamp, msgtype, message in camera_messages(bag, topics):
+                if topic not in publishers:
+                    publishers[topic] = node.create_publisher(CompressedImage if msgtype == COMPRESSED else Image, topic, qos)
+                    while publishers[topic].get_subscription_count() < wait_subscribers and time.monotonic() < end:
+                        rclpy.spin_once(node, timeout_sec=0.05)
+                if first_ns is None:
+                    first_ns, started = timestamp, time.monotonic()
+                delay = (timestamp - first_ns) / 1e9 / rate - (time.monotonic() - started)
+                if delay > 0:
+                    time.sleep(delay)
+                publishers[topic].publish(to_ros(msgtype, message))
+                published += 1
+            if not loop:
+                break
+        time.sleep(0.5)  # let the last messages leave before the publishers go
+        log(f"replayed {published} messages from {bag} on {len(publishers)} topics")
+        return published
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()

@@ -1,0 +1,173 @@
+"""Bags (import, replay), the recorder node (policies, signals), and the S3 fleet store against a local server."""
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from diagnostic_msgs.msg import DiagnosticArray
+from sensor_msgs.msg import Image
+
+from models import tiny_decoder
+from owled_ros.data.bags import carla_topics, import_bag, write_synthetic_drive
+from owled_ros.data.calib import read_samples, write_synthetic
+from owled_ros.data.frames import FrameSet
+from owled_ros.data.recorder import KeepPolicy, ShardRecorder
+from owled_ros.data.world import CAMERAS, render, sample_scene
+from owled_ros.pruning.run import prune
+from rosutil import RELIABLE, Peer, frame, image_msg, start_node, stop_node
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_bag_import_gives_the_recorded_frames(tmp_path, storage):
+    bag = write_synthetic_drive(tmp_path / "bag", frames=5, seed=3, storage=storage, size=(96, 160))
+    written, bad = import_bag(bag, tmp_path / "calib", vehicle="car7")
+    assert (written, bad) == (5, 0)
+    samples = read_samples(tmp_path / "calib")
+    assert [s.stamp_ns for s in samples] == [1_700_000_000 * 10**9 + i * 500_000_000 for i in range(5)]
+    expected = render(sample_scene(3 * 1_000_003 + 2), CAMERAS, 96, 160)
+    images = samples[2].images()
+    assert set(images) == set(CAMERAS) and samples[2].vehicle == "car7"
+    for camera in CAMERAS:
+        assert np.abs(images[camera].astype(int) - expected[camera]).mean() < 3  # JPEG round trip of bgra8 frames
+    assert all(q["question"] for q in samples[0].qa)
+
+
+def test_bag_import_names_a_missing_topic(tmp_path):
+    bag = write_synthetic_drive(tmp_path / "bag", frames=1, cameras=("CAM_FRONT",), size=(64, 96))
+    with pytest.raises(ValueError, match="rgb_back"):
+        import_bag(bag, tmp_path / "calib", {"CAM_BACK": carla_topics()["CAM_BACK"]})
+
+
+def test_replay_delivers_every_message_in_order(tmp_path):
+    frames = 6
+    bag = write_synthetic_drive(tmp_path / "bag", frames=frames, rate_hz=10, size=(64, 96))
+    peer = Peer("replay_test")
+    try:
+        for topic in carla_topics().values():
+            peer.collect(Image, topic, RELIABLE)
+        player = subprocess.Popen([sys.executable, "-m", "owled_ros.cli", "replay", str(bag), "--rate", "2",
+                                   "--wait-subscribers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        peer.spin(60, until=lambda: all(len(v) == frames for v in peer.received.values()))
+        output, _ = player.communicate(timeout=30)
+        assert player.returncode == 0, output
+    finally:
+        peer.close()
+    for topic, messages in peer.received.items():
+        stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in messages]
+        assert stamps == [1_700_000_000 * 10**9 + i * 100_000_000 for i in range(frames)], topic
+        assert messages[0].encoding == "bgra8"
+    assert f"replayed {frames * 6} messages" in output
+
+
+def frame_set(stamp_s, seed):
+    return FrameSet(int(stamp_s * 1e9), {"CAM_FRONT": frame(seed), "CAM_BACK": frame(seed + 1)})
+
+
+def test_keep_policy_skips_by_interval_and_near_duplicates():
+    policy = KeepPolicy(min_interval_s=0.5, min_difference=2.0)
+    first = frame_set(0.0, 1)
+    assert policy.check(first) is None
+    assert policy.check(frame_set(0.2, 2)) == "interval"
+    assert policy.check(FrameSet(int(1e9), {c: np.clip(i.astype(int) + 1, 0, 255).astype(np.uint8)
+                                            for c, i in first.images.items()})) == "duplicate"
+    assert policy.check(frame_set(1.5, 3)) is None
+
+
+def test_shard_recorder_respects_quota_and_max_frames(tmp_path):
+    recorder = ShardRecorder(tmp_path / "a", "car1", shard_size=2, max_frames=5)
+    assert [recorder.write(frame_set(i, i)) for i in range(7)] == [True] * 5 + [False] * 2
+    recorder.close_shard()
+    assert len(read_samples(tmp_path / "a")) == 5 and recorder.shards == 3
+    quota = ShardRecorder(tmp_path / "b", "car1", shard_size=10, quota_bytes=30_000)
+    kept = sum(quota.write(frame_set(i, i)) for i in range(20))
+    quota.close_shard()
+    assert 0 < kept < 20 and len(read_samples(tmp_path / "b")) == kept
+
+
+def recorder_params(out, topics):
+    return {"output_dir": str(out), "vehicle_id": "car9", "min_interval_s": 0.0, "min_difference": 0.0,
+            "shard_size": 3, "camera_topics": "[" + ",".join(topics) + "]", "camera_names": "[CAM_FRONT,CAM_BACK]",
+            "camera_transports": "[raw,raw]"}
+
+
+@pytest.mark.parametrize("sig,kept", [(signal.SIGKILL, 6), (signal.SIGTERM, 8), (signal.SIGINT, 8)])
+def test_recorder_keeps_completed_shards_across_signals(tmp_path, sig, kept):
+    topics = ["/rec/front", "/rec/back"]
+    node = start_node("owled_ros.nodes.recorder_node", recorder_params(tmp_path / "calib", topics), tmp_path / "log")
+    peer = Peer("recorder_test")
+    peer.collect(DiagnosticArray, "/diagnostics")
+    publishers = [peer.node.create_publisher(Image, t, RELIABLE) for t in topics]
+    try:
+        assert all(peer.wait_for_subscribers(p) for p in publishers), (tmp_path / "log").read_text()
+        peer.spin(1.0)  # let both sides finish matching before the first best-effort frame
+        bad = image_msg(frame(0), 10**9)
+        bad.encoding = "yuv422"
+        publishers[0].publish(bad)
+        for i in range(8):
+            for j, publisher in enumerate(publishers):
+                publisher.publish(image_msg(frame(10 * i + j), (i + 1) * 10**9))
+            peer.spin(0.2)  # camera pace; a best-effort subscriber may lose bursts
+
+        def frames_written():
+            values = [{kv.key: kv.value for kv in s.values} for a in peer.received["/diagnostics"] for s in a.status
+                      if s.name == "owled_recorder"]
+            return values[-1] if values else {}
+        peer.spin(20, until=lambda: frames_written().get("frames") == "8")
+        assert frames_written()["frames"] == "8" and frames_written()["bad_images"] == "1"
+        stop_node(node, sig)
+    finally:
+        peer.close()
+        stop_node(node, signal.SIGKILL)
+    samples = read_samples(tmp_path / "calib")
+    assert len(samples) == kept
+    assert sorted(s.stamp_ns for s in samples) == [(i + 1) * 10**9 for i in range(kept)]
+    assert all(s.vehicle == "car9" and set(s.images()) == {"CAM_FRONT", "CAM_BACK"} for s in samples)
+    leftovers = list((tmp_path / "calib").glob(".tmp-*"))
+    assert len(leftovers) == (1 if sig == signal.SIGKILL else 0)
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": url}.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="fleet")
+    yield url
+    server.stop()
+
+
+def test_two_vehicles_share_a_prefix_without_overwriting(tmp_path, s3_server):
+    from owled_ros.data.store import StoreError, pull, push
+
+    write_synthetic(tmp_path / "car1", 5, seed=1, vehicle="car1", height=64, width=96)
+    write_synthetic(tmp_path / "car2", 4, seed=1, vehicle="car2", height=64, width=96)
+    assert len(push(tmp_path / "car1", "s3://fleet/drives")) == 1
+    assert len(push(tmp_path / "car2", "s3://fleet/drives")) == 1
+    assert push(tmp_path / "car1", "s3://fleet/drives") == []  # same content: nothing to do
+    local = pull("s3://fleet/drives", tmp_path / "pulled")
+    samples = read_samples(local)
+    assert sorted(s.vehicle for s in samples) == ["car1"] * 5 + ["car2"] * 4
+    assert np.array_equal(samples[0].images()["CAM_FRONT"], read_samples(tmp_path / "car1")[0].images()["CAM_FRONT"])
+    write_synthetic(tmp_path / "impostor", 3, seed=1, vehicle="car1", height=64, width=96)  # same shard name
+    with pytest.raises(StoreError, match="refusing to overwrite"):
+        push(tmp_path / "impostor", "s3://fleet/drives")
+    with pytest.raises(StoreError, match="no calibration shards"):
+        pull("s3://fleet/empty", tmp_path / "nothing")
+
+    tiny_decoder().save_pretrained(tmp_path / "model")
+    report = prune(tmp_path / "model", tmp_path / "pruned", "owled", "0.5", "s3://fleet/drives", nsamples=8,
+                   progress=False)
+    assert report["calibration"]["source"] == "s3://fleet/drives" and report["calibration"]["frame_sets"] == 9
