@@ -58,7 +58,7 @@ def run_demo(workdir, frames=16, sparsity="0.5"):
     print(f"[1/4] wrote a {frames}-frame 6-camera synthetic drive: {bag}")
     recorder = node_process("owled_ros.nodes.recorder_node", {"output_dir": workdir / "calibration",
                                                                "vehicle_id": "demo", "min_interval_s": 0.4,
-                                                               "shard_size": 8}, log)
+                                                               "shard_size": 8, "camera_reliability": "reliable"}, log)
     replay(bag, log)
     stop(recorder)
     recorded = len(read_samples(workdir / "calibration"))
@@ -72,7 +72,8 @@ def run_demo(workdir, frames=16, sparsity="0.5"):
     print(f"[3/4] OWLed pruning: achieved sparsity {report['achieved']['pruned_components']:.3f} of the language model")
 
     step = time.monotonic()
-    drive = node_process("owled_ros.nodes.drive_node", {"model_dir": workdir / "pruned", "max_rate_hz": 2.0}, log)
+    drive = node_process("owled_ros.nodes.drive_node", {"model_dir": workdir / "pruned", "max_rate_hz": 2.0,
+                                                         "camera_reliability": "reliable"}, log)
     received = {"perception": [], "action": [], "answers": []}
     rclpy.init()
     node = rclpy.create_node("owled_demo")

@@ -16,7 +16,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
@@ -44,12 +44,23 @@ def declare_camera_parameters(node):
     node.declare_parameter("camera_transports", ["raw"] * len(CARLA_TOPICS))  # raw | compressed, per topic
     node.declare_parameter("sync_slop_s", 0.1)
     node.declare_parameter("view_timeout_s", 1.0)
+    node.declare_parameter("camera_reliability", "best_effort")  # best_effort (sensor data QoS) | reliable
     topics, names, transports = (node.get_parameter(p).value for p in ("camera_topics", "camera_names", "camera_transports"))
     if not (len(topics) == len(names) == len(transports)) or not 1 <= len(topics) <= 6:
         raise ValueError("camera_topics, camera_names and camera_transports need the same length, 1 to 6")
     if set(transports) - {"raw", "compressed"}:
         raise ValueError(f"camera_transports must be raw or compressed, got {transports}")
+    if node.get_parameter("camera_reliability").value not in ("best_effort", "reliable"):
+        raise ValueError("camera_reliability must be best_effort or reliable")
     return list(zip(topics, names, transports))
+
+
+def camera_qos(node):
+    """Sensor-data QoS (best effort, matches reliable and best-effort drivers) unless reliable is asked for:
+    large frames in bursts (six uncompressed views at once) can lose fragments under best effort."""
+    if node.get_parameter("camera_reliability").value == "reliable":
+        return QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
+    return qos_profile_sensor_data
 
 
 class CameraInput:
@@ -61,10 +72,11 @@ class CameraInput:
         self.sync = FrameSync([name for _, name, _ in self.cameras], node.get_parameter("sync_slop_s").value,
                               node.get_parameter("view_timeout_s").value)
         self.bad_images = collections.Counter()
+        qos = camera_qos(node)
         for topic, name, transport in self.cameras:
             kind = CompressedImage if transport == "compressed" else Image
             node.create_subscription(kind, topic, lambda msg, n=name, c=transport == "compressed": self.on_image(msg, n, c),
-                                     qos_profile_sensor_data)
+                                     qos)
         node.create_timer(0.05, self.on_timer)
 
     def on_image(self, msg, camera, compressed):
@@ -226,7 +238,7 @@ class DriveNode(Node):
 
     def destroy_node(self):
         self.running = False
-        self.worker.join(timeout=5)
+        self.worker.join(timeout=120)  # let an inference in progress finish and publish
         super().destroy_node()
 
 
