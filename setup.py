@@ -7,7 +7,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["owled_ros", "owled_ros.*"]),
-    package_data={"owled_ros": ["data/text/*.txt"]},
+    package_data={"owled_ros": ["data/text/*.txt", "data/text/*.md"]},
     install_requires=[
         "torch==2.13.0",
         "transformers==5.23.0",

@@ -90,6 +90,36 @@ def cmd_demo(args):
     run_demo(Path(args.workdir), args.frames, args.sparsity)
 
 
+def cmd_eval(args):
+    import json as json_
+
+    from .data.calib import read_samples, write_synthetic
+    from .eval.evaluate import evaluate
+    from .eval.perplexity import perplexity
+    from .model.vlm import DrivingVLM
+
+    model = DrivingVLM.from_pretrained(resolve_model(args.model))
+    if args.text:
+        print(json_.dumps({"perplexity": perplexity(model.lm, model.tokenizer, Path(args.text).read_text(),
+                                                    args.context, args.stride), "text": args.text}))
+        return
+    if args.frames is None:
+        args.frames = str(Path(args.workdir) / "eval")
+        if not Path(args.frames).exists():
+            write_synthetic(args.frames, args.count, seed=999, vehicle="eval")
+    samples = read_samples(args.frames)
+    result = {"model": model.model_id, "images": evaluate(model, samples, args.max_new_tokens)}
+    if args.blank:
+        result["blank_images"] = evaluate(model, samples, args.max_new_tokens, blank=True)
+    print(json_.dumps(result, indent=2))
+
+
+def cmd_bench(args):
+    from .eval.bench import run_bench
+
+    run_bench(resolve_model(args.model), args.out, nsamples=args.nsamples, eval_frames=args.eval_frames)
+
+
 def parser():
     p = argparse.ArgumentParser(prog="owled", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -154,6 +184,25 @@ def parser():
     s.add_argument("--topics", nargs="+")
     s.add_argument("--wait-subscribers", type=int, default=0, help="wait (up to 30 s) for this many subscribers per topic")
     s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("eval", help="driving + language metrics on a QA set, or perplexity on a text")
+    s.add_argument("--model", default="default")
+    s.add_argument("--frames", help="QA set with ground truth (default: held-out synthetic frame sets)")
+    s.add_argument("--count", type=int, default=30, help="synthetic frame sets when --frames is not given")
+    s.add_argument("--workdir", default="runs")
+    s.add_argument("--blank", action="store_true", help="also score with every image blanked (do images matter?)")
+    s.add_argument("--text", help="perplexity of the language model on this text file instead")
+    s.add_argument("--context", type=int, default=256)
+    s.add_argument("--stride", type=int, default=128)
+    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("bench", help="methods x sparsities sweep -> results.md, results.json, plots")
+    s.add_argument("--model", default="default")
+    s.add_argument("--out", default="bench/results")
+    s.add_argument("--nsamples", type=int, default=32)
+    s.add_argument("--eval-frames", type=int, default=10)
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the whole loop on the default model: drive bag -> recorder -> OWLed -> drive node")
     s.add_argument("--workdir", default="runs/demo")

@@ -1,0 +1,101 @@
+"""Metrics against hand computations and the reference packages, parsers, perplexity, and the bench's columns."""
+import json
+import math
+import random
+
+import pytest
+from nltk.translate.bleu_score import corpus_bleu
+
+from models import tiny_decoder
+from owled_ros.eval.bench import COLUMNS, run_bench
+from owled_ros.eval.metrics import accuracy, language_metrics, mean_absolute_error, tokenize
+from owled_ros.eval.parse import parse_action, parse_description, parse_speed
+from owled_ros.eval.perplexity import perplexity
+
+
+def test_identical_answers_score_perfectly_and_unrelated_ones_do_not():
+    refs = ["Stop, because the traffic light is red.", "There are 2 vehicles and 1 pedestrian within 30 meters."]
+    perfect = language_metrics(refs, refs)
+    assert perfect["bleu4"] == pytest.approx(1.0, abs=1e-6) and perfect["rouge_l"] == pytest.approx(1.0)
+    assert perfect["meteor"] > 0.99
+    unrelated = language_metrics(["banana bread recipe", "quantum chromodynamics lecture"], refs)
+    assert unrelated["bleu4"] < 1e-3 and unrelated["rouge_l"] == 0 and unrelated["cider"] == 0
+
+
+def test_bleu4_agrees_with_nltk_corpus_bleu():
+    hyps = ["the car ahead is stopped so we slow down now", "keep lane because the road ahead is clear today"]
+    refs = ["the car ahead is stopped so slow down now", "keep lane because the road ahead is clear"]
+    ours = language_metrics(hyps, refs)["bleu4"]
+    reference = corpus_bleu([[tokenize(r)] for r in refs], [tokenize(h) for h in hyps])
+    assert ours == pytest.approx(reference, abs=1e-3)
+
+
+def test_rouge_l_by_hand():
+    # LCS("the car stops", "the red car stops here") = 3; P = 3/5, R = 3/3; F_beta with beta = 1.2
+    p, r, beta = 3 / 5, 1.0, 1.2
+    expected = (1 + beta**2) * p * r / (r + beta**2 * p)
+    assert language_metrics(["the red car stops here"], ["the car stops"])["rouge_l"] == pytest.approx(expected)
+
+
+def test_driving_metrics_by_hand():
+    assert mean_absolute_error([2, None, 5], [1, 0, 3]) == pytest.approx((1 + 0 + 2) / 3)
+    assert accuracy(["stop", "keep_lane", "stop"], ["stop", "stop", "stop"]) == pytest.approx(2 / 3)
+
+
+def test_parsers():
+    assert parse_description("There are 3 vehicles and no pedestrians within 30 meters. The traffic light is green.") \
+        == {"n_cars": 3, "n_pedestrians": 0, "light": "green"}
+    assert parse_description("I see one car and two people; there is no traffic light.") \
+        == {"n_cars": 1, "n_pedestrians": 2, "light": "none"}
+    assert parse_description("It is sunny.") == {"n_cars": None, "n_pedestrians": None, "light": None}
+    assert parse_action("Slow down, because the traffic light is yellow.") == "slow_down"
+    assert parse_action("Change lane to the left, because the vehicle ahead is stopped.") == "change_lane_left"
+    assert parse_action("Nice weather.") == "unknown"
+    assert parse_speed("Slow down to 36 km/h.") == pytest.approx(10.0) and parse_speed("Stop.") is None
+
+
+def test_perplexity_is_lower_on_text_the_model_was_made_to_predict():
+    import torch
+
+    model = tiny_decoder(seed=3, layers=2)
+    text = "The ego vehicle stops at the red light and waits for the green light. " * 12
+    ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    optimizer = torch.optim.Adam(model.lm.parameters(), lr=3e-3)
+    model.lm.train()
+    for _ in range(40):
+        loss = model.lm(input_ids=ids[:, :96], labels=ids[:, :96]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.lm.eval()
+    words = text.split()
+    random.Random(0).shuffle(words)
+    fitted = perplexity(model.lm, model.tokenizer, text, context=64, stride=32)
+    shuffled = perplexity(model.lm, model.tokenizer, " ".join(words), context=64, stride=32)
+    assert math.isfinite(fitted) and fitted < shuffled / 3
+
+
+def test_perplexity_scores_every_token_once():
+    model = tiny_decoder(seed=4, layers=1)
+    text = "Cars stop at red lights. " * 20
+    whole = perplexity(model.lm, model.tokenizer, text, context=1024, stride=1024)
+    windowed = perplexity(model.lm, model.tokenizer, text, context=1024, stride=16)  # same context reach
+    assert windowed == pytest.approx(whole, rel=1e-4)
+
+
+def test_bench_writes_every_declared_column(tmp_path):
+    tiny_decoder().save_pretrained(tmp_path / "model")
+    summary = run_bench(tmp_path / "model", tmp_path / "out", sparsities=(0.5,), paper_range=(), nm=None,
+                        component_sparsity=0, nsamples=8, eval_frames=2, max_new_tokens=4, log=lambda *_: None)
+    names = [r["name"] for r in summary["results"]]
+    assert names == ["dense", "magnitude-0.5", "wanda-0.5", "owl-0.5", "owled-0.5"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    for row in saved["results"][1:]:
+        assert {key for key, _ in COLUMNS} <= set(row), row["name"]
+        assert row["achieved"] == pytest.approx(0.5, abs=0.02)
+    table = (tmp_path / "out" / "results.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| run"))
+    assert all(title in header for _, title in COLUMNS)
+    assert len([line for line in table if line.startswith("| ") and "run" not in line]) == 5
+    assert (tmp_path / "out" / "metrics_vs_sparsity.png").stat().st_size > 0
+    assert (tmp_path / "out" / "report-owled-0.5.json").is_file() and not (tmp_path / "out" / "work").exists()
