@@ -14,7 +14,7 @@ test: setup
 	@$(PY) -m pytest -q test; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(VENV)/bin/owled bench --out bench/results
 
 clean:
 	rm -rf build $(VENV)

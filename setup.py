@@ -20,6 +20,7 @@ setup(
         "rosbags-image==0.10.4",
         "boto3==1.44.5",
         "pycocoevalcap==1.2",
+        "nltk==3.10.4",
         "tqdm==4.70.1",
         "matplotlib==3.11.2",
         "psutil==7.2.2",
