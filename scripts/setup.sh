@@ -31,9 +31,9 @@ if ! fresh deps "$deps"; then
   # (/opt/python/cp311-cp311/...); point them at this interpreter so CMake accepts them.
   include=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
   site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  grep -rlE '/opt/python/cp311-cp311/(include|lib)' "$venv/share" --include='*.cmake' | xargs -r sed -i \
-    -e "s#/opt/python/cp311-cp311/include/python3.11#$include#g" \
-    -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages#$site#g"
+  stale=$(grep -rlE '/opt/python/cp311-cp311/(include|lib)' "$venv/share" --include='*.cmake' || true)
+  [ -z "$stale" ] || sed -i -e "s#/opt/python/cp311-cp311/include/python3.11#$include#g" \
+    -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages#$site#g" $stale
   mark deps "$deps"
 fi
 
