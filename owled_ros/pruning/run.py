@@ -1,6 +1,5 @@
 """`owled prune`: load a model directory, calibrate, prune, write a compressed model + report.json + sparsity.png."""
 import json
-import logging
 import resource
 import shutil
 import time
@@ -8,9 +7,7 @@ from pathlib import Path
 
 from ..model.vlm import DrivingVLM
 from . import calibration
-from .engine import METHODS, PruneSpec, achieved, group_of, linears, prune_model
-
-log = logging.getLogger(__name__)
+from .engine import METHODS, PruneSpec, achieved, prune_model
 GROUPS = ("llm", "vision")
 
 
