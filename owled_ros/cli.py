@@ -201,7 +201,7 @@ def parser():
     s.add_argument("--model", default="default")
     s.add_argument("--out", default="bench/results")
     s.add_argument("--nsamples", type=int, default=32)
-    s.add_argument("--eval-frames", type=int, default=10)
+    s.add_argument("--eval-frames", type=int, default=20)
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the whole loop on the default model: drive bag -> recorder -> OWLed -> drive node")

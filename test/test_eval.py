@@ -8,6 +8,7 @@ from nltk.translate.bleu_score import corpus_bleu
 
 from models import tiny_decoder
 from owled_ros.eval.bench import COLUMNS, run_bench
+from owled_ros.eval.evaluate import CATEGORIES
 from owled_ros.eval.metrics import accuracy, language_metrics, mean_absolute_error, tokenize
 from owled_ros.eval.parse import parse_action, parse_description, parse_speed
 from owled_ros.eval.perplexity import perplexity
@@ -88,14 +89,15 @@ def test_bench_writes_every_declared_column(tmp_path):
     summary = run_bench(tmp_path / "model", tmp_path / "out", sparsities=(0.5,), paper_range=(), nm=None,
                         component_sparsity=0, nsamples=8, eval_frames=2, max_new_tokens=4, log=lambda *_: None)
     names = [r["name"] for r in summary["results"]]
-    assert names == ["dense", "magnitude-0.5", "wanda-0.5", "owl-0.5", "owled-0.5"]
+    assert names == ["dense", "dense, blank images", "magnitude-0.5", "wanda-0.5", "owl-0.5", "owled-0.5"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    for row in saved["results"][1:]:
+    for row in saved["results"][2:]:
         assert {key for key, _ in COLUMNS} <= set(row), row["name"]
         assert row["achieved"] == pytest.approx(0.5, abs=0.02)
-    table = (tmp_path / "out" / "results.md").read_text().splitlines()
-    header = next(line for line in table if line.startswith("| run"))
-    assert all(title in header for _, title in COLUMNS)
-    assert len([line for line in table if line.startswith("| ") and "run" not in line]) == 5
+    tables = [block.splitlines() for block in (tmp_path / "out" / "results.md").read_text().split("\n\n") if block.startswith("|")]
+    main, categories, cost = tables
+    assert all(title in main[0] for _, title in COLUMNS) and len(main) == 2 + len(names)
+    assert all(c in categories[0] for c in CATEGORIES) and len(categories) == 2 + len(names)
+    assert [line.split(" | ")[0] for line in cost[2:]] == ["| magnitude", "| wanda", "| owl", "| owled"]
     assert (tmp_path / "out" / "metrics_vs_sparsity.png").stat().st_size > 0
     assert (tmp_path / "out" / "report-owled-0.5.json").is_file() and not (tmp_path / "out" / "work").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..data.calib import read_samples, write_synthetic
 from ..model.vlm import DrivingVLM
-from .evaluate import evaluate
+from .evaluate import CATEGORIES, evaluate
 from .perplexity import perplexity
 
 METHODS = ("magnitude", "wanda", "owl", "owled")
@@ -51,7 +51,7 @@ def measure(model_dir, eval_samples, max_new_tokens):
 
 
 def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), paper_range=(0.1, 0.2, 0.3, 0.4), nm="2:4",
-              component_sparsity=0.3, nsamples=32, eval_frames=10, max_new_tokens=40, log=print):
+              component_sparsity=0.3, nsamples=32, eval_frames=20, max_new_tokens=40, log=print):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -60,9 +60,11 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), paper_range=(0.1, 0.2,
     write_synthetic(work / "eval", eval_frames, seed=999, vehicle="bench-eval")
     eval_samples = read_samples(work / "eval")
     started = time.time()
-    results = [{"name": "dense", "method": "dense", "target": "0", "achieved": 0.0,
-                **measure(model_dir, eval_samples, max_new_tokens)}]
-    log(f"dense: {results[0]['action_accuracy']:.3f} action accuracy")
+    dense = {"name": "dense", "method": "dense", "target": "0", "achieved": 0.0, **measure(model_dir, eval_samples, max_new_tokens)}
+    # The same dense model with every camera blanked: what the answers owe to the images.
+    blank = evaluate(DrivingVLM.from_pretrained(model_dir), eval_samples, max_new_tokens, blank=True)
+    results = [dense, {**dense, **blank, "name": "dense, blank images"}]
+    log(f"dense: {dense['action_accuracy']:.3f} action accuracy ({blank['action_accuracy']:.3f} with blank images)")
     for name, method, sparsity, pattern in runs(sparsities, paper_range, nm, component_sparsity):
         calib = text_path("generic") if method == "owl" else work / "calib"
         command = [sys.executable, "-m", "owled_ros.cli", "prune", "--model", str(model_dir), "--out", str(work / name),
@@ -94,14 +96,23 @@ def cell(value):
     return str(value)
 
 
+def table(header, rows):
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+
+
 def markdown(summary):
+    results = summary["results"]
     lines = [f"Model `{Path(summary['model']).name}`, {summary['answers_per_model']} answers per model on "
              f"{summary['eval_frame_sets']} held-out synthetic 6-camera frame sets, {summary['nsamples']} calibration "
-             f"samples; sweep took {summary['seconds']} s.", "",
-             "| run | " + " | ".join(title for key, title in COLUMNS) + " |",
-             "|" + "---|" * (len(COLUMNS) + 1)]
-    for row in summary["results"]:
-        lines.append(f"| {row['name']} | " + " | ".join(cell(row.get(key, "")) for key, _ in COLUMNS) + " |")
+             f"samples; sweep took {summary['seconds']} s.", ""]
+    lines += table(["run"] + [title for _, title in COLUMNS], [[r["name"]] + [r.get(key, "") for key, _ in COLUMNS] for r in results])
+    lines += ["", "Per question category: exact match / BLEU-4.", ""]
+    lines += table(["run"] + list(CATEGORIES), [[r["name"]] + [f"{r[c]['exact_match']:.2f} / {r[c]['bleu4']:.3f}" for c in CATEGORIES]
+                                                 for r in results])
+    cost = [r for r in results if r["method"] in METHODS and r["target"] == "0.5"]
+    lines += ["", "Pruning cost at 50 % (language model), each prune its own process.", ""]
+    lines += table(["method", "prune s", "peak RSS MB", "achieved"], [[r["method"], r["prune_s"], r["prune_peak_mb"], r["achieved"]]
+                                                                    for r in cost])
     return "\n".join(lines) + "\n"
 
 
