@@ -13,8 +13,11 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -q test; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
+# Regenerates bench/results/ and the README's results tables (about 1.5 h on 2 cores).
 bench: setup
 	$(VENV)/bin/owled bench --out bench/results
+	$(PY) bench/drive_node.py --out bench/results
+	$(PY) bench/update_readme.py README.md
 
 clean:
 	rm -rf build $(VENV)

@@ -8,7 +8,8 @@ from nltk.translate.bleu_score import corpus_bleu
 
 from models import tiny_decoder
 from owled_ros.eval.bench import COLUMNS, run_bench
-from owled_ros.eval.evaluate import CATEGORIES
+from owled_ros.data.calib import read_samples, write_synthetic
+from owled_ros.eval.evaluate import CATEGORIES, score
 from owled_ros.eval.metrics import accuracy, language_metrics, mean_absolute_error, tokenize
 from owled_ros.eval.parse import parse_action, parse_description, parse_speed
 from owled_ros.eval.perplexity import perplexity
@@ -55,6 +56,21 @@ def test_parsers():
     assert parse_speed("Slow down to 36 km/h.") == pytest.approx(10.0) and parse_speed("Stop.") is None
 
 
+def test_scores_of_ground_truth_answers_and_of_a_constant_action(tmp_path):
+    write_synthetic(tmp_path / "set", 12, seed=5)
+    samples = read_samples(tmp_path / "set")
+    truth = [(s, q, q["answer"]) for s in samples for q in s.qa]
+    perfect = score(truth)
+    assert perfect["action_exact_match"] == perfect["action_accuracy"] == perfect["light_accuracy"] == 1.0
+    assert perfect["description_bleu4"] == pytest.approx(1.0, abs=1e-6) and perfect["vehicle_count_mae"] == 0
+    assert all(perfect[c]["exact_match"] == 1.0 for c in CATEGORIES)
+    always_stop = [(s, q, "Stop." if q["kind"] == "planning" else a) for s, q, a in truth]
+    stopped = score(always_stop)
+    assert stopped["action_exact_match"] == 0.0
+    assert stopped["action_accuracy"] == pytest.approx(sum(s.truth["action"] == "stop" for s in samples) / len(samples))
+    assert stopped["description_bleu4"] == perfect["description_bleu4"]
+
+
 def test_perplexity_is_lower_on_text_the_model_was_made_to_predict():
     import torch
 
@@ -95,7 +111,8 @@ def test_bench_writes_every_declared_column(tmp_path):
         assert {key for key, _ in COLUMNS} <= set(row), row["name"]
         assert row["achieved"] == pytest.approx(0.5, abs=0.02)
     tables = [block.splitlines() for block in (tmp_path / "out" / "results.md").read_text().split("\n\n") if block.startswith("|")]
-    main, categories, cost = tables
+    main, images, categories, cost = tables
+    assert [line.split(" | ")[0] for line in images[2:]] == ["| dense", "| dense, blank images"]
     assert all(title in main[0] for _, title in COLUMNS) and len(main) == 2 + len(names)
     assert all(c in categories[0] for c in CATEGORIES) and len(categories) == 2 + len(names)
     assert [line.split(" | ")[0] for line in cost[2:]] == ["| magnitude", "| wanda", "| owl", "| owled"]

@@ -106,6 +106,11 @@ def markdown(summary):
              f"{summary['eval_frame_sets']} held-out synthetic 6-camera frame sets, {summary['nsamples']} calibration "
              f"samples; sweep took {summary['seconds']} s.", ""]
     lines += table(["run"] + [title for _, title in COLUMNS], [[r["name"]] + [r.get(key, "") for key, _ in COLUMNS] for r in results])
+    dense, blank = results[:2]
+    lines += ["", "Do the images matter? The dense model on the same frame sets with every camera blanked.", ""]
+    lines += table(["images", "action exact match", "action acc", "description BLEU-4", "vehicle MAE", "light acc"],
+                   [[r["name"], r["action_exact_match"], r["action_accuracy"], r["description_bleu4"],
+                     r["vehicle_count_mae"], r["light_accuracy"]] for r in (dense, blank)])
     lines += ["", "Per question category: exact match / BLEU-4.", ""]
     lines += table(["run"] + list(CATEGORIES), [[r["name"]] + [f"{r[c]['exact_match']:.2f} / {r[c]['bleu4']:.3f}" for c in CATEGORIES]
                                                  for r in results])

@@ -25,6 +25,10 @@ def generate(model, samples, max_new_tokens=40, blank=False):
     return results, float(np.mean(seconds))
 
 
+def exact_match(results):
+    return accuracy([a.strip().lower() for _, _, a in results], [q["answer"].strip().lower() for _, q, _ in results])
+
+
 def score(results):
     """Metrics overall and per category. Driving metrics parse the answers (eval/parse.py)."""
     by_kind = lambda kind: [(s, q, a) for s, q, a in results if q.get("kind") == kind]
@@ -42,14 +46,15 @@ def score(results):
                                    [s.truth["light"] for s, _, _ in perception + lights]),
         "action_accuracy": accuracy([parse_action(a) for _, _, a in planning], [s.truth["action"] for s, _, _ in planning]),
         "speed_mae_mps": float(np.mean([abs(p - t) for p, t in speeds])) if speeds else math.nan,
-        "exact_match": accuracy([a.strip().lower() for _, _, a in results], [q["answer"].strip().lower() for _, q, _ in results]),
+        "action_exact_match": exact_match(planning),
+        "description_bleu4": language_metrics([a for _, _, a in perception], [q["answer"] for _, q, _ in perception])["bleu4"],
+        "exact_match": exact_match(results),
         **language_metrics([a for _, _, a in results], [q["answer"] for _, q, _ in results]),
         "answers": len(results),
     }
     for category in CATEGORIES:
         chosen = [(s, q, a) for s, q, a in results if q["category"] == category]
-        metrics[category] = {"exact_match": accuracy([a.strip().lower() for _, _, a in chosen],
-                                                     [q["answer"].strip().lower() for _, q, _ in chosen]),
+        metrics[category] = {"exact_match": exact_match(chosen),
                              **language_metrics([a for _, _, a in chosen], [q["answer"] for _, q, _ in chosen])}
     return metrics
 

@@ -126,13 +126,13 @@ def prune_block(block, scores, sparsity=None, nm=None):
     return result
 
 
-def outlier_pass(model, components, samples, run, spec):
+def outlier_pass(model, components, samples, run, spec, progress=True):
     """OWL pass 1: dense activations through every component; outlier ratio per block."""
     ratios = {}
     for component, blocks in components.items():
         inputs, calls = capture(model, blocks, samples, run)
         ratios[component] = []
-        for index, block in enumerate(tqdm(blocks, desc=f"outliers {component}", leave=False)):
+        for index, block in enumerate(tqdm(blocks, desc=f"outliers {component}", leave=False, disable=not progress)):
             stats = {}
             outputs = block_outputs(block, inputs, calls[index], stats)
             ratios[component].append(outlier_ratio(block_scores(block, stats, "wanda").values(), spec.m_factor))
@@ -156,7 +156,7 @@ def prune_model(model, samples, run, spec, progress=True):
     """Prune model in place. samples: calibration inputs for `run(model, sample)` (None for magnitude).
     Returns the list of BlockRecords."""
     components = {c: b for c, b in model.components().items() if group_of(c) in spec.targets}
-    ratios = outlier_pass(model, components, samples, run, spec) if spec.outlier_weighted else {}
+    ratios = outlier_pass(model, components, samples, run, spec, progress) if spec.outlier_weighted else {}
     records = []
     for component, blocks in components.items():
         plan = allocate(component, blocks, ratios.get(component), spec)
