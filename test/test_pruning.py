@@ -152,7 +152,7 @@ def test_component_targets_are_met_per_row_and_the_result_loads_and_answers(tiny
     out = tiny_dirs / "wanda"
     report = prune(tiny_dirs / "model", out, "wanda", "llm=0.5,vision=0.25", tiny_dirs / "calib", nsamples=16,
                    progress=False)
-    for component, target in (("llm", 0.5), ("vision", 0.25)):
+    for component, target in (("llm", 0.5), ("vision", 0.25), ("vision.fusion", 0.25)):  # fusion: the vision group
         for name, weight in layer_sparsities(out, component).items():
             assert ((weight == 0).sum(1) >= int(weight.shape[1] * target)).all(), name
             assert (weight == 0).float().mean().item() == pytest.approx(target, abs=1 / weight.shape[1])
@@ -171,6 +171,7 @@ def test_owled_nm_pattern_holds_in_every_group(tiny_dirs):
     report = prune(tiny_dirs / "model", out, "owled", "0.5", tiny_dirs / "calib", nm="2:4", nsamples=16, progress=False)
     kept = {tuple(b["nm"]) for b in report["blocks"]}
     assert kept <= {(1, 4), (2, 4), (3, 4)}
+    assert all((w != 0).all() for w in layer_sparsities(out, "vision.fusion").values())  # LM target only
     for block in report["blocks"]:
         n = block["nm"][0]
         for name, weight in layer_sparsities(out, block["component"]).items():

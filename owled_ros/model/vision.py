@@ -54,6 +54,8 @@ class MultiViewEncoder(nn.Module):
         self.img_projection_layer = nn.Linear(width, lm_width) if cfg["projection"] else nn.Identity()
         self.modal_embeddings = nn.Embedding(2, lm_width)  # 0 = text, 1 = image
         nn.init.normal_(self.modal_embeddings.weight, std=0.02)
+        # Not a registered child: it shares the modules above, which keep their EM-VLM4AD names in checkpoints.
+        object.__setattr__(self, "fusion", Fusion(self))
 
     def embed_views(self, pixels, camera_ids):
         """pixels (B, V, 3, H, W), camera_ids (V,) -> per-view tokens (B, V, N, width)."""
@@ -65,12 +67,28 @@ class MultiViewEncoder(nn.Module):
         return self.norm(x).view(batch, views, self.tokens, -1)
 
     def pool(self, view_tokens, view_mask):
+        return self.fusion.pool(view_tokens, view_mask)
+
+    def forward(self, pixels, camera_ids, view_mask):
+        return self.fusion(self.embed_views(pixels, camera_ids), view_mask)
+
+
+class Fusion(nn.Module):
+    """Gated pooling across views + projection into the LM space: the part of the image side EM-VLM4AD
+    trains, and one prunable unit (component "vision.fusion") over the encoder's own modules."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.Z, self.G, self.w = encoder.Z, encoder.G, encoder.w
+        self.img_projection_layer, self.modal_embeddings = encoder.img_projection_layer, encoder.modal_embeddings
+
+    def pool(self, view_tokens, view_mask):
         """Gated pooling over the present views: (B, V, N, width), mask (B, V) -> (B, N, width), weights (B, V)."""
         flat = view_tokens.flatten(2)
         scores = self.w(self.Z(flat) * self.G(flat)).squeeze(-1)
         weights = torch.softmax(scores.masked_fill(~view_mask, float("-inf")), dim=1)
         return torch.einsum("bv,bvnd->bnd", weights, view_tokens), weights
 
-    def forward(self, pixels, camera_ids, view_mask):
-        fused, _ = self.pool(self.embed_views(pixels, camera_ids), view_mask)
+    def forward(self, view_tokens, view_mask):
+        fused, _ = self.pool(view_tokens, view_mask)
         return self.img_projection_layer(fused) + self.modal_embeddings.weight[1]

@@ -54,8 +54,9 @@ class DrivingVLM(nn.Module):
         return self.config.get("compression", {"method": "dense", "sparsity": 0.0})
 
     def components(self):
-        """Prunable stacks of transformer blocks by component name, in forward order."""
-        parts = {"vision": self.vision.blocks}
+        """Prunable stacks of blocks by component name, in forward order. The image side is its transformer
+        blocks (if any) and the fusion unit (gated pooling + projection)."""
+        parts = {"vision": self.vision.blocks, "vision.fusion": [self.vision.fusion]}
         if self.is_t5:
             parts |= {"llm.encoder": self.lm.encoder.block, "llm.decoder": self.lm.decoder.block}
         else:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..model.vlm import DrivingVLM
 from . import calibration
-from .engine import METHODS, PruneSpec, achieved, prune_model
+from .engine import METHODS, PruneSpec, achieved, linears, prune_model
 GROUPS = ("llm", "vision")
 
 
@@ -106,8 +106,8 @@ def prune(model_dir, out, method="owled", sparsity="0.5", calib=None, nm=None, m
 
 def pruned_weight_names(model, records):
     components = model.components()
-    prefix = {id(block): name for name, block in model.named_modules()}
-    return {f"{prefix[id(components[r.component][r.index])]}.{layer}.weight" for r in records for layer in r.layers}
+    names = {id(module): name for name, module in model.named_modules()}
+    return {f"{names[id(linears(components[r.component][r.index])[layer])]}.weight" for r in records for layer in r.layers}
 
 
 def make_report(model, records, spec, info, nsamples):
