@@ -52,6 +52,13 @@ def check_calibration(method, info):
 
 
 def peak_rss_mb():
+    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss carries the parent's peak across
+    fork + exec, so a prune started by a big process would report that process's memory."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
