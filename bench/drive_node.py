@@ -78,8 +78,9 @@ class Driver:
 
 
 def measure(driver, model_dir, warm_up, sets, log):
+    # every view of a set is published at once: wait for all of them even while inference holds the CPU
     process = node_process("owled_ros.nodes.drive_node", {"model_dir": model_dir, "max_rate_hz": 1000.0,
-                                                          "camera_reliability": "reliable"}, log)
+                                                          "camera_reliability": "reliable", "view_timeout_s": 30.0}, log)
     try:
         if not driver.wait_for_node():
             raise RuntimeError(f"drive node on {model_dir} did not come up (see {log.name})")
