@@ -41,8 +41,7 @@ def runs(sparsities, paper_range, nm, component_sparsity):
     return plan
 
 
-def measure(model_dir, eval_samples, max_new_tokens):
-    model = DrivingVLM.from_pretrained(model_dir)
+def measure(model, model_dir, eval_samples, max_new_tokens):
     metrics = evaluate(model, eval_samples, max_new_tokens)
     for name in TEXTS:
         metrics[f"ppl_{name}"] = perplexity(model.lm, model.tokenizer, text_path(name).read_text())
@@ -60,9 +59,12 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), paper_range=(0.1, 0.2,
     write_synthetic(work / "eval", eval_frames, seed=999, vehicle="bench-eval")
     eval_samples = read_samples(work / "eval")
     started = time.time()
-    dense = {"name": "dense", "method": "dense", "target": "0", "achieved": 0.0, **measure(model_dir, eval_samples, max_new_tokens)}
+    model = DrivingVLM.from_pretrained(model_dir)
+    dense = {"name": "dense", "method": "dense", "target": "0", "achieved": 0.0,
+             **measure(model, model_dir, eval_samples, max_new_tokens)}
     # The same dense model with every camera blanked: what the answers owe to the images.
-    blank = evaluate(DrivingVLM.from_pretrained(model_dir), eval_samples, max_new_tokens, blank=True)
+    blank = evaluate(model, eval_samples, max_new_tokens, blank=True)
+    del model
     results = [dense, {**dense, **blank, "name": "dense, blank images"}]
     log(f"dense: {dense['action_accuracy']:.3f} action accuracy ({blank['action_accuracy']:.3f} with blank images)")
     for name, method, sparsity, pattern in runs(sparsities, paper_range, nm, component_sparsity):
@@ -75,7 +77,7 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), paper_range=(0.1, 0.2,
         report = json.loads((work / name / "report.json").read_text())
         row = {"name": name, "method": method, "target": pattern or sparsity, "achieved": report["achieved"]["pruned_components"],
                "prune_s": report["seconds"], "prune_peak_mb": report["peak_rss_mb"],
-               **measure(work / name, eval_samples, max_new_tokens)}
+               **measure(DrivingVLM.from_pretrained(work / name), work / name, eval_samples, max_new_tokens)}
         results.append(row)
         shutil.copy(work / name / "report.json", out / f"report-{name}.json")
         shutil.rmtree(work / name)
