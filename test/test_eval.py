@@ -2,6 +2,9 @@
 import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from nltk.translate.bleu_score import corpus_bleu
@@ -118,3 +121,17 @@ def test_bench_writes_every_declared_column(tmp_path):
     assert [line.split(" | ")[0] for line in cost[2:]] == ["| magnitude", "| wanda", "| owl", "| owled"]
     assert (tmp_path / "out" / "metrics_vs_sparsity.png").stat().st_size > 0
     assert (tmp_path / "out" / "report-owled-0.5.json").is_file() and not (tmp_path / "out" / "work").exists()
+
+
+def test_update_readme_copies_each_included_file_and_refuses_missing_ones(tmp_path):
+    script = Path(__file__).parents[1] / "bench" / "update_readme.py"
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "a.md").write_text("| new | table |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- include results/a.md -->\nold\n<!-- end include -->\ntail\n")
+    subprocess.run([sys.executable, str(script), str(readme)], check=True)
+    assert readme.read_text() == "# x\n<!-- include results/a.md -->\n| new | table |\n<!-- end include -->\ntail\n"
+    readme.write_text("<!-- include results/b.md -->\nkept\n<!-- end include -->\n")
+    failed = subprocess.run([sys.executable, str(script), str(readme)], capture_output=True, text=True)
+    assert failed.returncode != 0 and "results/b.md" in failed.stderr
+    assert "kept" in readme.read_text()
