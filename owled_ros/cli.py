@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .model.build import resolve_model
+from .model.build import BUILD_MINUTES, resolve_model
 
 
 def cmd_build_default(args):
@@ -127,7 +127,7 @@ def parser():
 
     s = sub.add_parser("build-default", help="build the embedded default model (SmolLM2 + aligned image side)")
     s.add_argument("--out", help="model directory (default: the cache)")
-    s.add_argument("--minutes", type=float, default=4.0, help="training budget")
+    s.add_argument("--minutes", type=float, default=BUILD_MINUTES, help="training budget")
     s.set_defaults(func=cmd_build_default)
 
     s = sub.add_parser("answer", help="answer driving questions about a frame set")

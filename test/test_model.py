@@ -7,7 +7,7 @@ import torch
 
 from models import TINY_VISION, tiny_decoder, tiny_t5, tiny_t5_dir
 from owled_ros.data.world import CAMERAS, qa, render, sample_scene
-from owled_ros.model.build import import_emvlm4ad, load_smollm2
+from owled_ros.model.build import TAG_WORDS, align_default, import_emvlm4ad, load_smollm2, synthetic_scenes, tag_targets
 from owled_ros.model.vlm import DrivingVLM, ModelLoadError
 
 QUESTIONS = ["What should the ego vehicle do?", "What are the important objects in the current scene?"]
@@ -47,6 +47,42 @@ def test_images_change_the_input_to_the_language_model(frames):
     other = render(sample_scene(12), CAMERAS, 64, 96)
     with torch.no_grad():
         assert not torch.allclose(model.image_tokens([frames]), model.image_tokens([other]))
+
+
+def test_default_layout_adds_one_image_token_per_scene_tag(frames):
+    model = tiny_decoder()
+    pixels, mask = model.pixels([frames])
+    with torch.no_grad():
+        tokens = model.image_tokens([frames])
+        tags = model.vision.tagger(model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0])
+    assert tokens.shape[1] == model.vision.tokens + len(TAG_WORDS)
+    modal = model.vision.modal_embeddings.weight[1]
+    assert torch.allclose(tokens[0, model.vision.tokens:], tags[0] + modal)
+    # each tag token is a convex combination of its classes' embeddings
+    table = model.vision.tagger.tag_embeddings.weight[:len(TAG_WORDS["n_cars"])]
+    weights = torch.linalg.lstsq(table.T, tags[0, 0]).solution
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-3) and (weights > -1e-3).all()
+
+
+def test_alignment_teaches_the_tags_and_lowers_the_answer_loss():
+    model = tiny_decoder(seed=1)
+    scenes, frames = synthetic_scenes(12, 7, model.cameras, (192, 336))  # align_default's own scenes (seed 7)
+    pairs = [(f, p) for s, f in zip(scenes, frames) for p in qa(s)]
+    targets = {k: torch.tensor([tag_targets(s)[k] for s in scenes]) for k in TAG_WORDS}
+
+    def losses():
+        with torch.no_grad():
+            answer = model([f for f, _ in pairs], [p["question"] for _, p in pairs], [p["answer"] for _, p in pairs])
+            pixels, mask = model.pixels(frames)
+            logits = model.vision.tagger.logits(model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0])
+        return answer.item(), sum(torch.nn.functional.cross_entropy(logits[k], targets[k]).item() for k in logits)
+
+    answer_before, tags_before = losses()
+    align_default(model, minutes=0.15, scenes=12)
+    answer_after, tags_after = losses()
+    assert tags_after < 0.8 * tags_before
+    assert answer_after < answer_before - 0.1  # a random tiny LM at the real LM learning rate: slow but steady
+    assert not model.training and all(p.requires_grad for p in model.parameters())
 
 
 def test_gated_pooling_ignores_missing_views(frames):

@@ -19,6 +19,7 @@ from .vlm import CHATML, DrivingVLM, ModelLoadError, new_config
 log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "owled-smollm2-135m"
+BUILD_MINUTES = 8.0  # training budget of the default model on 2 CPU cores
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
@@ -39,10 +40,12 @@ def load_smollm2():
 
 def default_model_untrained():
     lm, tokenizer = load_smollm2()
-    # Patch embedding + gated pooling + projection, as EM-VLM4AD: vision transformer blocks trained from
-    # scratch did not learn the scenes within the few-minute CPU budget; the blockless side does.
-    model = DrivingVLM(new_config("decoder", DEFAULT_MODEL_ID, vision={"layers": 0}, prompt=CHATML), lm, tokenizer)
+    # Conv stem + patch embedding + gated pooling + projection: vision transformer blocks trained from scratch,
+    # and a bare linear patch embedding, did not learn the scenes within the few-minute CPU budget.
+    vision = {"layers": 0, "stem": [16, 32, 64], "tags": {name: len(words) for name, words in TAG_WORDS.items()}}
+    model = DrivingVLM(new_config("decoder", DEFAULT_MODEL_ID, vision=vision, prompt=CHATML), lm, tokenizer)
     nn.init.zeros_(model.vision.modal_embeddings.weight)  # start from the LM's own text embeddings
+    init_tag_embeddings(model)
     return model
 
 
@@ -95,29 +98,28 @@ def import_emvlm4ad(checkpoint, t5_dir, model_id="em-vlm4ad-t5"):
 
 
 # ----- aligning the default model on the synthetic world -----
-class SceneProbe(nn.Module):
-    """Auxiliary heads that teach the image side what matters before it meets the LM."""
-
-    HEADS = {"n_cars": 6, "n_pedestrians": 5, "light": len(LIGHT_STATES) + 1, "action": len(ACTIONS), "lead": 3,
-             "crossing": 2}
-
-    def __init__(self, width, tokens, hidden=256):
-        super().__init__()
-        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Linear(width * tokens, hidden), nn.GELU(), nn.Linear(hidden, n))
-                                    for name, n in self.HEADS.items()})
-
-    def forward(self, fused):
-        flat = fused.flatten(1)  # keep where things are: a light is a few pixels of one patch
-        return {name: head(flat) for name, head in self.heads.items()}
+# Scene tags of the default model: per tag, the words its classes start from (as they appear in the answers).
+TAG_WORDS = {"n_cars": ["0", "1", "2", "3", "4", "5"], "n_pedestrians": ["0", "1", "2", "3", "4"],
+             "light": [" no", " red", " yellow", " green"], "action": ["Keep", "Slow", "Stop", "Change"],
+             "lead": [" no", " moving", " stopped"], "crossing": ["No", "Yes"]}
 
 
-def probe_targets(scene):
+def tag_targets(scene):
+    """Class index of every scene tag (TAG_WORDS order) from the scene's ground truth."""
     truth = scene.truth()
     lead = scene.lead_vehicle()
     return {"n_cars": min(truth["n_cars"], 5), "n_pedestrians": min(truth["n_pedestrians"], 4),
-            "light": ["none", *LIGHT_STATES].index(scene.light),
-            "action": ACTIONS.index(scene.action), "lead": 0 if lead is None else 1 + int(lead.moving),
-            "crossing": int(any(a.crossing for a in scene.agents))}
+            "light": ["none", *LIGHT_STATES].index(scene.light), "action": ACTIONS.index(scene.action),
+            "lead": 0 if lead is None else 1 + (not lead.moving), "crossing": int(any(a.crossing for a in scene.agents))}
+
+
+def init_tag_embeddings(model):
+    """Start every tag class at the LM's embedding of its word, so the LM reads the tags from the first step."""
+    embed = model.lm.get_input_embeddings().weight
+    rows = [embed[model.tokenizer(word, add_special_tokens=False)["input_ids"]].mean(0)
+            for words in TAG_WORDS.values() for word in words]
+    with torch.no_grad():
+        model.vision.tagger.tag_embeddings.weight.copy_(torch.stack(rows))
 
 
 def synthetic_scenes(count, seed, cameras, size):
@@ -125,8 +127,9 @@ def synthetic_scenes(count, seed, cameras, size):
     return scenes, [render(s, cameras, *size) for s in scenes]
 
 
-def align_default(model, minutes=4.0, scenes=1500, seed=7, batch=8, probe_batch=16, log_every=10):
-    """Stage A: image side + probe heads on scene ground truth. Stage B: answers through the LM (lightly tuned)."""
+def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, probe_batch=16, log_every=10):
+    """Stage A: image side (stem, patch embedding, gated pooling, tag heads) on scene ground truth.
+    Stage B: answers through the LM; the image side is frozen but for the projection and the tag embeddings."""
     torch.manual_seed(seed)
     random.seed(seed)
     vision = model.vision
@@ -136,33 +139,38 @@ def align_default(model, minutes=4.0, scenes=1500, seed=7, batch=8, probe_batch=
         pixels, masks = zip(*(model.pixels(frames[i:i + 64]) for i in range(0, len(frames), 64)))
     pixels, masks = torch.cat(pixels), torch.cat(masks)
     camera_ids = torch.arange(len(model.cameras))
-    targets = {k: torch.tensor([probe_targets(s)[k] for s in train]) for k in SceneProbe.HEADS}
+    targets = {k: torch.tensor([tag_targets(s)[k] for s in train]) for k in TAG_WORDS}
 
     deadline_a = time.monotonic() + minutes * 60 * 0.45
-    probe = SceneProbe(vision.conv_proj.out_channels, vision.tokens)
-    optimizer = torch.optim.AdamW(list(vision.parameters()) + list(probe.parameters()), lr=1e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(vision.parameters(), lr=1e-3, weight_decay=0.01)
+    vision.train()
     step = 0
     while time.monotonic() < deadline_a:
         index = torch.randint(len(train), (probe_batch,))
         mask = masks[index] & (torch.rand(probe_batch, len(model.cameras)) > 0.15)  # views drop out, as they do on the road
         mask[~mask.any(1), 0] = True
         fused, _ = vision.pool(vision.embed_views(pixels[index], camera_ids), mask)
-        logits = probe(fused)
+        logits = vision.tagger.logits(fused)
         loss = sum(F.cross_entropy(logits[k], targets[k][index]) for k in logits)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         step += 1
         if step % (log_every * 5) == 0:
-            log.info("stage A step %d probe loss %.3f", step, loss.item())
+            log.info("stage A step %d tag loss %.3f", step, loss.item())
 
     deadline_b = time.monotonic() + minutes * 60 * 0.55
     pairs = [(i, q) for i, s in enumerate(train) for q in qa(s)]
+    vision.requires_grad_(False)
+    tuned = [vision.img_projection_layer, vision.modal_embeddings, vision.tagger.tag_embeddings]
+    for module in tuned:
+        module.requires_grad_(True)
     lm_params = [p for n, p in model.lm.named_parameters() if "embed_tokens" not in n]
-    optimizer = torch.optim.AdamW([{"params": list(vision.parameters()), "lr": 3e-4},
-                                   {"params": lm_params, "lr": 2e-4}], weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": [p for m in tuned for p in m.parameters()], "lr": 5e-4},
+                                   {"params": lm_params, "lr": 1e-4}], weight_decay=0.0)
     model.lm.get_input_embeddings().weight.requires_grad_(False)
-    model.train()
+    model.lm.train()
+    vision.eval()  # BatchNorm keeps the statistics of stage A
     step = 0
     while time.monotonic() < deadline_b:
         chosen = random.sample(pairs, batch)
@@ -174,11 +182,11 @@ def align_default(model, minutes=4.0, scenes=1500, seed=7, batch=8, probe_batch=
         step += 1
         if step % log_every == 0:
             log.info("stage B step %d answer loss %.3f", step, loss.item())
-    model.lm.get_input_embeddings().weight.requires_grad_(True)
+    model.requires_grad_(True)
     return model.eval()
 
 
-def build_default(directory, minutes=4.0):
+def build_default(directory, minutes=BUILD_MINUTES):
     """Build the embedded default model into directory (reused when it is already there)."""
     directory = Path(directory)
     if (directory / "config.json").is_file():

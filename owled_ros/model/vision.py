@@ -1,5 +1,5 @@
-"""Image side of the driving VLM, as in EM-VLM4AD: ViT-B/32-style patch embedding per camera view,
-optional transformer blocks, gated pooling attention across views, projection into the LM space.
+"""Image side of the driving VLM, as in EM-VLM4AD: ViT-B/32-style patch embedding per camera view
+(optionally behind a convolutional stem), optional transformer blocks, gated pooling attention across views, projection into the LM space.
 
 Parameter names follow torchvision's vit_b_32 (conv_proj, class_token, pos_embedding) and EM-VLM4AD's
 MultiViewProcessor (Z, G, w, img_projection_layer, modal_embeddings) so their checkpoints map 1:1.
@@ -31,6 +31,39 @@ class VisionBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
+def conv_stem(channels):
+    """Stride-2 3x3 conv + BatchNorm + ReLU per entry of channels ("early convolutions", Xiao et al. 2021):
+    a nonlinear front for the linear patch embedding, so small objects (a lit lamp, brake lights) survive it."""
+    layers, width = [], 3
+    for out in channels:
+        layers += [nn.Conv2d(width, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+        width = out
+    return nn.Sequential(*layers), width
+
+
+class SceneTagger(nn.Module):
+    """Scene tags from the fused image tokens (one classifier head per tag, e.g. light state, vehicle count),
+    each turned into one extra image token: the class probabilities times a table of word-like embeddings.
+    Tags as anchor tokens the LM already reads (as in Oscar/VinVL): they let a small LM use the image after
+    a few minutes of CPU alignment, where it ignored the patch tokens."""
+
+    def __init__(self, width, tokens, heads, hidden, lm_width):
+        super().__init__()
+        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Linear(width * tokens, hidden), nn.GELU(), nn.Linear(hidden, n))
+                                    for name, n in heads.items()})
+        self.tag_embeddings = nn.Embedding(sum(heads.values()), lm_width)
+        nn.init.normal_(self.tag_embeddings.weight, std=0.02)
+
+    def logits(self, fused):
+        flat = fused.flatten(1)  # keep where things are: a lit lamp is a few pixels of one patch
+        return {name: head(flat) for name, head in self.heads.items()}
+
+    def forward(self, fused):
+        """(B, N, width) -> tag tokens (B, heads, lm_width)."""
+        tables = self.tag_embeddings.weight.split([head[-1].out_features for head in self.heads.values()])
+        return torch.stack([logits.softmax(-1) @ table for logits, table in zip(self.logits(fused).values(), tables)], 1)
+
+
 class MultiViewEncoder(nn.Module):
     """Camera views -> one fused sequence of image tokens in the language model's embedding space."""
 
@@ -40,7 +73,9 @@ class MultiViewEncoder(nn.Module):
         height, image_width = cfg["image_size"]
         self.grid = (height // patch, image_width // patch)
         self.tokens = self.grid[0] * self.grid[1]
-        self.conv_proj = nn.Conv2d(3, width, patch, patch)
+        self.stem, stem_width = conv_stem(cfg.get("stem", []))
+        stride = patch // 2 ** len(cfg.get("stem", []))
+        self.conv_proj = nn.Conv2d(stem_width, width, stride, stride)
         self.class_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embedding = nn.Parameter(torch.randn(1, self.tokens + 1, width) * 0.02)
         self.camera_embedding = nn.Embedding(len(cfg["cameras"]), width)
@@ -53,6 +88,8 @@ class MultiViewEncoder(nn.Module):
         self.w = nn.Linear(cfg["gpa_hidden"], 1)
         self.img_projection_layer = nn.Linear(width, lm_width) if cfg["projection"] else nn.Identity()
         self.modal_embeddings = nn.Embedding(2, lm_width)  # 0 = text, 1 = image
+        tags = cfg.get("tags", {})
+        self.tagger = SceneTagger(width, self.tokens, tags, cfg["tag_hidden"], lm_width) if tags else None
         nn.init.normal_(self.modal_embeddings.weight, std=0.02)
         # Not a registered child: it shares the modules above, which keep their EM-VLM4AD names in checkpoints.
         object.__setattr__(self, "fusion", Fusion(self))
@@ -60,7 +97,7 @@ class MultiViewEncoder(nn.Module):
     def embed_views(self, pixels, camera_ids):
         """pixels (B, V, 3, H, W), camera_ids (V,) -> per-view tokens (B, V, N, width)."""
         batch, views = pixels.shape[:2]
-        x = self.conv_proj(pixels.flatten(0, 1)).flatten(2).transpose(1, 2)
+        x = self.conv_proj(self.stem(pixels.flatten(0, 1))).flatten(2).transpose(1, 2)
         x = x + self.pos_embedding[:, 1:] + self.camera_embedding(camera_ids).repeat(batch, 1)[:, None]
         for block in self.blocks:
             x = block(x)
@@ -74,13 +111,15 @@ class MultiViewEncoder(nn.Module):
 
 
 class Fusion(nn.Module):
-    """Gated pooling across views + projection into the LM space: the part of the image side EM-VLM4AD
-    trains, and one prunable unit (component "vision.fusion") over the encoder's own modules."""
+    """Gated pooling across views + projection into the LM space (+ scene tags, if configured): the part of
+    the image side EM-VLM4AD trains, and one prunable unit (component "vision.fusion") over the encoder's own
+    modules."""
 
     def __init__(self, encoder):
         super().__init__()
         self.Z, self.G, self.w = encoder.Z, encoder.G, encoder.w
         self.img_projection_layer, self.modal_embeddings = encoder.img_projection_layer, encoder.modal_embeddings
+        self.tagger = encoder.tagger
 
     def pool(self, view_tokens, view_mask):
         """Gated pooling over the present views: (B, V, N, width), mask (B, V) -> (B, N, width), weights (B, V)."""
@@ -91,4 +130,7 @@ class Fusion(nn.Module):
 
     def forward(self, view_tokens, view_mask):
         fused, _ = self.pool(view_tokens, view_mask)
-        return self.img_projection_layer(fused) + self.modal_embeddings.weight[1]
+        tokens = self.img_projection_layer(fused)
+        if self.tagger is not None:
+            tokens = torch.cat([tokens, self.tagger(fused)], 1)
+        return tokens + self.modal_embeddings.weight[1]
