@@ -1,5 +1,6 @@
 """Image side of the driving VLM, as in EM-VLM4AD: ViT-B/32-style patch embedding per camera view
-(optionally behind a convolutional stem), optional transformer blocks, gated pooling attention across views, projection into the LM space.
+(optionally behind a convolutional stem), optional transformer blocks, gated pooling attention across views,
+projection into the LM space.
 
 Parameter names follow torchvision's vit_b_32 (conv_proj, class_token, pos_embedding) and EM-VLM4AD's
 MultiViewProcessor (Z, G, w, img_projection_layer, modal_embeddings) so their checkpoints map 1:1.
@@ -73,8 +74,9 @@ class MultiViewEncoder(nn.Module):
         height, image_width = cfg["image_size"]
         self.grid = (height // patch, image_width // patch)
         self.tokens = self.grid[0] * self.grid[1]
-        self.stem, stem_width = conv_stem(cfg.get("stem", []))
-        stride = patch // 2 ** len(cfg.get("stem", []))
+        stem = cfg.get("stem", [])
+        self.stem, stem_width = conv_stem(stem)
+        stride = patch // 2 ** len(stem)
         self.conv_proj = nn.Conv2d(stem_width, width, stride, stride)
         self.class_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embedding = nn.Parameter(torch.randn(1, self.tokens + 1, width) * 0.02)
@@ -88,9 +90,9 @@ class MultiViewEncoder(nn.Module):
         self.w = nn.Linear(cfg["gpa_hidden"], 1)
         self.img_projection_layer = nn.Linear(width, lm_width) if cfg["projection"] else nn.Identity()
         self.modal_embeddings = nn.Embedding(2, lm_width)  # 0 = text, 1 = image
+        nn.init.normal_(self.modal_embeddings.weight, std=0.02)
         tags = cfg.get("tags", {})
         self.tagger = SceneTagger(width, self.tokens, tags, cfg["tag_hidden"], lm_width) if tags else None
-        nn.init.normal_(self.modal_embeddings.weight, std=0.02)
         # Not a registered child: it shares the modules above, which keep their EM-VLM4AD names in checkpoints.
         object.__setattr__(self, "fusion", Fusion(self))
 

@@ -22,8 +22,9 @@ FORMAT = "owled-vlm/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 NUSCENES_CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
-DEFAULT_VISION = {"cameras": NUSCENES_CAMERAS, "image_size": [128, 224], "patch": 32, "width": 256, "stem": [], "layers": 4,
-                  "heads": 4, "gpa_hidden": 128, "projection": True, "tags": {}, "tag_hidden": 256, "mean": [0.5] * 3, "std": [0.5] * 3}
+DEFAULT_VISION = {"cameras": NUSCENES_CAMERAS, "image_size": [128, 224], "patch": 32, "width": 256, "stem": [],
+                  "layers": 4, "heads": 4, "gpa_hidden": 128, "projection": True, "tags": {}, "tag_hidden": 256,
+                  "mean": [0.5] * 3, "std": [0.5] * 3}
 CHATML = {"before": "<|im_start|>user\n", "after": "<|im_end|>\n<|im_start|>assistant\n", "end": "<|im_end|>"}
 
 
