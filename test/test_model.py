@@ -74,7 +74,7 @@ def test_alignment_teaches_the_tags_and_lowers_the_answer_loss():
         with torch.no_grad():
             answer = model([f for f, _ in pairs], [p["question"] for _, p in pairs], [p["answer"] for _, p in pairs])
             pixels, mask = model.pixels(frames)
-            logits = model.vision.tagger.logits(model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0])
+            logits = model.vision.tag_logits(pixels, torch.arange(6), mask)
         return answer.item(), sum(torch.nn.functional.cross_entropy(logits[k], targets[k]).item() for k in logits)
 
     answer_before, tags_before = losses()

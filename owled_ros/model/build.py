@@ -149,8 +149,7 @@ def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, pr
         index = torch.randint(len(train), (probe_batch,))
         mask = masks[index] & (torch.rand(probe_batch, len(model.cameras)) > 0.15)  # views drop out, as they do on the road
         mask[~mask.any(1), 0] = True
-        fused, _ = vision.pool(vision.embed_views(pixels[index], camera_ids), mask)
-        logits = vision.tagger.logits(fused)
+        logits = vision.tag_logits(pixels[index], camera_ids, mask)
         loss = sum(F.cross_entropy(logits[k], targets[k][index]) for k in logits)
         optimizer.zero_grad()
         loss.backward()

@@ -108,6 +108,10 @@ class MultiViewEncoder(nn.Module):
     def pool(self, view_tokens, view_mask):
         return self.fusion.pool(view_tokens, view_mask)
 
+    def tag_logits(self, pixels, camera_ids, view_mask):
+        """Scene-tag classifier logits {tag: (B, classes)} (what stage A of the default build trains)."""
+        return self.tagger.logits(self.pool(self.embed_views(pixels, camera_ids), view_mask)[0])
+
     def forward(self, pixels, camera_ids, view_mask):
         return self.fusion(self.embed_views(pixels, camera_ids), view_mask)
 
