@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from .model.build import BUILD_MINUTES, resolve_model
+from .pruning.engine import ALLOCATIONS, OUTLIER_RATIOS, PRUNERS
+from .pruning.run import METHODS
 
 
 def cmd_build_default(args):
@@ -43,7 +45,8 @@ def cmd_prune(args):
 
     logging.getLogger("owled_ros.pruning").setLevel(logging.INFO)  # per-block targets, achieved, outlier ratios
     report = prune(resolve_model(args.model), args.out, args.method, args.sparsity, args.calib, args.nm, args.M,
-                   args.lam, args.nsamples, args.seed)
+                   args.lam, args.nsamples, args.seed, pruner=args.pruner, allocation=args.allocation,
+                   outlier_ratio=args.outlier_ratio)
     achieved = report["achieved"]
     print(f"pruned {report['model_id']} with {report['method']}: achieved sparsity "
           f"{achieved['pruned_components']:.4f} over pruned components ({achieved['whole_model']:.4f} of all "
@@ -139,12 +142,18 @@ def parser():
     s.add_argument("--max-new-tokens", type=int, default=48)
     s.set_defaults(func=cmd_answer)
 
-    s = sub.add_parser("prune", help="prune a model (magnitude, wanda, owl, owled; unstructured or N:M)")
+    s = sub.add_parser("prune", help="prune a model (magnitude, Wanda, SparseGPT; uniform or OWL; unstructured or N:M)")
     s.add_argument("--model", default="default")
-    s.add_argument("--calib", help="calibration set directory (driving) or text file (generic)")
-    s.add_argument("--method", default="owled")
-    s.add_argument("--sparsity", default="0.5", help="0.5 (language model) or llm=0.5,vision=0.2")
-    s.add_argument("--nm", help="semi-structured N:M, e.g. 2:4")
+    s.add_argument("--calib", help="calibration set directory (driving), text file (generic) or s3://bucket/prefix")
+    s.add_argument("--method", default="owled", choices=list(METHODS),
+                   help="preset: pruner + allocation + the calibration data it expects")
+    s.add_argument("--pruner", choices=PRUNERS, help="override the preset's pruner")
+    s.add_argument("--allocation", choices=ALLOCATIONS, help="override the preset's allocation")
+    s.add_argument("--outlier-ratio", choices=OUTLIER_RATIOS, default="per-layer",
+                   help="OWL's ratio per block: mean of per-linear ratios, or over all linears pooled")
+    s.add_argument("--sparsity", help="0.5 (language model) or llm=0.5,vision=0.2 (default 0.5; with --nm, 1 - N/M)")
+    s.add_argument("--nm", help="semi-structured N:M on every pruned linear, e.g. 2:4; a --sparsity below 1 - N/M "
+                                "keeps the most outlier-heavy layers dense (owl allocation)")
     s.add_argument("--M", type=float, default=5.0, help="outlier threshold: scores above M x mean")
     s.add_argument("--lam", type=float, default=0.08, help="OWL lambda: allocation spread is 2 lambda")
     s.add_argument("--nsamples", type=int, default=128)

@@ -140,8 +140,8 @@ class DrivingVLM(nn.Module):
             labels = torch.full((len(targets), max(map(len, targets))), -100, dtype=torch.long)
             for i, t in enumerate(targets):
                 labels[i, : len(t)] = torch.tensor(t)
-            return self.lm(**inputs, labels=labels).loss
-        hidden = self.lm.base_model(**inputs).last_hidden_state
+            return self.lm(**inputs, labels=labels, use_cache=False).loss
+        hidden = self.lm.base_model(**inputs, use_cache=False).last_hidden_state
         # logits only where an answer token is predicted: the vocabulary projection dominates otherwise
         rows, cols, labels = [], [], []
         lengths = inputs["attention_mask"].sum(1)
@@ -156,7 +156,7 @@ class DrivingVLM(nn.Module):
     def forward_text(self, texts):
         """LM-only forward on plain text (generic-text calibration, perplexity)."""
         ids = self.tokenizer(texts, return_tensors="pt", padding=True)
-        return self.lm(**ids, labels=ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)).loss
+        return self.lm(**ids, labels=ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100), use_cache=False).loss
 
     # ----- inference -----
     @torch.inference_mode()

@@ -8,27 +8,65 @@ outputs with the pruned weights and feed them to the next block. Memory stays at
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .sparsity import nm_mask, outlier_ratio, owl_allocation, owl_nm_allocation, row_mask, wanda_scores
+from .sparsegpt import sparsegpt_
+from .sparsity import nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask, wanda_scores
 
 log = logging.getLogger(__name__)
-METHODS = ("magnitude", "wanda", "owl", "owled")
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
+ALLOCATIONS = ("uniform", "owl")
+OUTLIER_RATIOS = ("per-layer", "pooled")
 
 
 @dataclass
 class PruneSpec:
-    method: str
+    """What to prune and how. pruner: which weights go within a layer; allocation: how much each block
+    keeps (uniform, or OWL's outlier-weighted layerwise sparsity); nm=(n, m): the N:M pattern, on every
+    pruned layer. With nm and an OWL allocation, a target below 1 - n/m keeps the most outlier-heavy
+    layers dense; outlier_ratio: per block, pooled over its linears or the mean of per-linear ratios."""
+    pruner: str
+    allocation: str
     targets: dict  # component group ("llm", "vision") -> sparsity
     nm: tuple = None  # (n, m)
     m_factor: float = 5.0
     lam: float = 0.08
+    outlier_ratio: str = "per-layer"
+
+    def __post_init__(self):
+        for value, allowed, what in ((self.pruner, PRUNERS, "pruner"), (self.allocation, ALLOCATIONS, "allocation"),
+                                     (self.outlier_ratio, OUTLIER_RATIOS, "outlier ratio")):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+        if self.nm:
+            n, m = self.nm
+            for group, target in self.targets.items():
+                if target > 1 - n / m + 1e-9:
+                    raise ValueError(f"{group} sparsity {target:g} is above what {n}:{m} removes ({1 - n / m:g})")
+                if self.allocation == "uniform" and target < 1 - n / m - 1e-9:
+                    raise ValueError(f"{group} sparsity {target:g} below {1 - n / m:g} with {n}:{m} keeps some layers "
+                                     f"dense: that needs the owl allocation to choose them")
 
     @property
     def outlier_weighted(self):
-        return self.method in ("owl", "owled")
+        return self.allocation == "owl"
+
+    @property
+    def needs_activations(self):
+        return self.pruner != "magnitude"
+
+
+@dataclass
+class Outliers:
+    """Outlier ratios of one block: over all its linears' scores pooled, and per linear."""
+    pooled: float
+    per_layer: dict
+
+    def block_ratio(self, kind):
+        return self.pooled if kind == "pooled" else float(np.mean(list(self.per_layer.values())))
 
 
 @dataclass
@@ -39,6 +77,19 @@ class BlockRecord:
     outlier_ratio: float = None
     nm: tuple = None
     layers: dict = field(default_factory=dict)  # linear name -> (zeros, numel)
+
+
+class InputStats:
+    """Calibration inputs of one linear layer: per-feature sum of squares (Wanda), and XᵀX (SparseGPT)."""
+
+    def __init__(self, hessian):
+        self.sq, self.xtx, self.hessian = 0, 0, hessian
+
+    def add(self, x):
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sq = self.sq + (x * x).sum(0)
+        if self.hessian:
+            self.xtx = self.xtx + x.T @ x
 
 
 class StopForward(Exception):
@@ -81,10 +132,17 @@ def capture(model, blocks, samples, run):
     return first_inputs, calls
 
 
+CACHE_ARGUMENTS = ("past_key_value", "past_key_values")
+
+
 def split_hidden(args, kwargs):
+    """(hidden state, other args, other kwargs) of a block call, without any KV cache: a cache filled by the
+    capture forward would make every later run of the block attend to the stale keys/values it holds."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
     if args:
         return args[0], args[1:], kwargs
-    kwargs = dict(kwargs)
     return kwargs.pop("hidden_states"), (), kwargs
 
 
@@ -93,15 +151,13 @@ def run_block(block, hidden, args, kwargs):
     return output[0] if isinstance(output, tuple) else output
 
 
-def block_outputs(block, inputs, calls, stats=None):
-    """Outputs of a block for every sample; with stats, accumulate per-linear input sum of squares."""
+def block_outputs(block, inputs, calls, stats=None, hessian=False):
+    """Outputs of a block for every sample; with stats (a dict), collect every linear's InputStats in it."""
     handles = []
     if stats is not None:
         for name, module in linears(block).items():
-            def hook(_, args, __, name=name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                stats[name] = stats.get(name, 0) + (x * x).sum(0)
-            handles.append(module.register_forward_hook(hook))
+            stats[name] = InputStats(hessian)
+            handles.append(module.register_forward_hook(lambda _, args, __, s=stats[name]: s.add(args[0])))
     try:
         with torch.no_grad():
             return [run_block(block, x, *call) for x, call in zip(inputs, calls)]
@@ -110,72 +166,96 @@ def block_outputs(block, inputs, calls, stats=None):
             handle.remove()
 
 
-def block_scores(block, stats, method):
-    return {name: module.weight.detach().abs() if method == "magnitude" else wanda_scores(module.weight.detach(), stats[name])
-            for name, module in linears(block).items()}
+def prune_layer(module, stats, pruner, sparsity, nm):
+    """Zero the weights the pruner picks: the lowest |W| or Wanda scores per row (or per N:M group), or
+    SparseGPT's choice with the kept weights updated to reconstruct the layer's output."""
+    if pruner == "sparsegpt":
+        sparsegpt_(module.weight, stats.xtx, sparsity or 0.0, nm)
+        return
+    weight = module.weight.detach()
+    scores = weight.abs() if pruner == "magnitude" else wanda_scores(weight, stats.sq)
+    mask = nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
+    with torch.no_grad():
+        module.weight[mask] = 0
 
 
-def prune_block(block, scores, sparsity=None, nm=None):
-    """Zero the lowest-scoring weights of every linear; returns {name: (zeros, numel)}."""
+def prune_block(block, stats, plan, pruner):
+    """Prune every linear of a block by its (sparsity, nm) in plan; returns {name: (zeros, numel)}."""
     result = {}
     for name, module in linears(block).items():
-        mask = nm_mask(scores[name], *nm) if nm else row_mask(scores[name], sparsity)
-        with torch.no_grad():
-            module.weight[mask] = 0
+        sparsity, nm = plan[name]
+        if nm or sparsity > 0:
+            prune_layer(module, stats.get(name), pruner, sparsity, nm)
         result[name] = (int((module.weight == 0).sum()), module.weight.numel())
     return result
 
 
 def outlier_pass(model, components, samples, run, spec, progress=True):
-    """OWL pass 1: dense activations through every component; outlier ratio per block."""
-    ratios = {}
+    """OWL pass 1: dense activations through every component; Outliers per block from its Wanda scores."""
+    found = {}
     for component, blocks in components.items():
         inputs, calls = capture(model, blocks, samples, run)
-        ratios[component] = []
+        found[component] = []
         for index, block in enumerate(tqdm(blocks, desc=f"outliers {component}", leave=False, disable=not progress)):
             stats = {}
             outputs = block_outputs(block, inputs, calls[index], stats)
-            ratios[component].append(outlier_ratio(block_scores(block, stats, "wanda").values(), spec.m_factor))
+            scores = {name: wanda_scores(m.weight.detach(), stats[name].sq) for name, m in linears(block).items()}
+            found[component].append(Outliers(outlier_ratio(scores.values(), spec.m_factor),
+                                             {name: outlier_ratio([s], spec.m_factor) for name, s in scores.items()}))
             inputs = outputs
-    return ratios
+    return found
 
 
-def allocate(component, blocks, ratios, spec):
-    """Per-block (sparsity, nm) for one component."""
+def allocate(component, blocks, outliers, spec):
+    """Per block, {linear name: (sparsity, nm)} for one component; (0, None) leaves a linear dense."""
     target = spec.targets[group_of(component)]
-    if not spec.outlier_weighted:
-        return [(target, spec.nm)] * len(blocks)
+    layers = [linears(b) for b in blocks]
     if spec.nm:
-        return [(None, (n, spec.nm[1])) for n in owl_nm_allocation(ratios, *spec.nm)]
-    sizes = [sum(m.weight.numel() for m in linears(b).values()) for b in blocks]
-    sparsities, _ = owl_allocation(ratios, target, spec.lam, weights=sizes)
-    return [(s, None) for s in sparsities]
+        full = 1 - spec.nm[0] / spec.nm[1]
+        chosen = {(i, name) for i, block in enumerate(layers) for name in block}
+        if target < full - 1e-9:  # OWL: the layers with fewest outliers take the pattern, the rest stay dense
+            kind = spec.outlier_ratio
+            chosen = nm_selection([((i, name), module.weight.numel(), (outliers[i].block_ratio(kind), outliers[i].per_layer[name]))
+                                   for i, block in enumerate(layers) for name, module in block.items()], target, *spec.nm)
+        return [{name: (None, spec.nm) if (i, name) in chosen else (0.0, None) for name in block}
+                for i, block in enumerate(layers)]
+    if not spec.outlier_weighted:
+        return [{name: (target, None) for name in block} for block in layers]
+    sizes = [sum(m.weight.numel() for m in block.values()) for block in layers]
+    sparsities, _ = owl_allocation([o.block_ratio(spec.outlier_ratio) for o in outliers], target, spec.lam, weights=sizes)
+    return [{name: (s, None) for name in block} for s, block in zip(sparsities, layers)]
+
+
+def planned_sparsity(block, plan):
+    sizes = {name: m.weight.numel() for name, m in linears(block).items()}
+    removed = sum(sizes[name] * (1 - nm[0] / nm[1] if nm else sparsity) for name, (sparsity, nm) in plan.items())
+    return removed / sum(sizes.values())
 
 
 def prune_model(model, samples, run, spec, progress=True):
-    """Prune model in place. samples: calibration inputs for `run(model, sample)` (None for magnitude).
-    Returns the list of BlockRecords."""
+    """Prune model in place. samples: calibration inputs for `run(model, sample)` (None for magnitude with
+    a uniform allocation). Returns the list of BlockRecords."""
     components = {c: b for c, b in model.components().items() if group_of(c) in spec.targets}
-    ratios = outlier_pass(model, components, samples, run, spec, progress) if spec.outlier_weighted else {}
+    outliers = outlier_pass(model, components, samples, run, spec, progress) if spec.outlier_weighted else {}
     records = []
     for component, blocks in components.items():
-        plan = allocate(component, blocks, ratios.get(component), spec)
-        if spec.method != "magnitude":
+        plans = allocate(component, blocks, outliers.get(component), spec)
+        if spec.needs_activations:
             inputs, calls = capture(model, blocks, samples, run)
-        bar = tqdm(list(enumerate(blocks)), desc=f"prune {component}", disable=not progress)
-        for index, block in bar:
-            sparsity, nm = plan[index]
+        for index, block in enumerate(tqdm(blocks, desc=f"prune {component}", disable=not progress)):
             stats = {}
-            if spec.method != "magnitude":
-                block_outputs(block, inputs, calls[index], stats)
-            record = BlockRecord(component, index, sparsity if sparsity is not None else 1 - nm[0] / nm[1],
-                                 ratios[component][index] if ratios else None, nm)
-            record.layers = prune_block(block, block_scores(block, stats, spec.method), sparsity, nm)
-            if spec.method != "magnitude":
+            if spec.needs_activations:
+                block_outputs(block, inputs, calls[index], stats, hessian=spec.pruner == "sparsegpt")
+            ratio = outliers[component][index].block_ratio(spec.outlier_ratio) if outliers else None
+            uses_nm = any(nm for _, nm in plans[index].values())
+            record = BlockRecord(component, index, planned_sparsity(block, plans[index]), ratio, spec.nm if uses_nm else None)
+            record.layers = prune_block(block, stats, plans[index], spec.pruner)
+            del stats
+            if spec.needs_activations:
                 inputs = block_outputs(block, inputs, calls[index])  # pruned outputs feed the next block
             records.append(record)
-            log.info("%s block %d: target %.4f achieved %.4f%s", component, index, record.target,
-                     achieved(record.layers), "" if record.outlier_ratio is None else f" outliers {record.outlier_ratio:.5f}")
+            log.info("%s block %d: target %.4f achieved %.4f%s", component, index, record.target, achieved(record.layers),
+                     "" if ratio is None else f" outliers {ratio:.5f}")
     return records
 
 

@@ -7,8 +7,18 @@ from pathlib import Path
 
 from ..model.vlm import DrivingVLM
 from . import calibration
-from .engine import METHODS, PruneSpec, achieved, linears, prune_model
+from .engine import PruneSpec, achieved, linears, prune_model
+
 GROUPS = ("llm", "vision")
+# --method presets: (pruner, allocation, the calibration data its name promises, or None for any)
+METHODS = {
+    "magnitude": ("magnitude", "uniform", None),
+    "wanda": ("wanda", "uniform", None),
+    "sparsegpt": ("sparsegpt", "uniform", None),
+    "owl": ("wanda", "owl", "text"),
+    "owled": ("wanda", "owl", "driving"),
+    "owled-sparsegpt": ("sparsegpt", "owl", "driving"),
+}
 
 
 class PruneError(ValueError):
@@ -45,10 +55,23 @@ def parse_nm(text):
 
 
 def check_calibration(method, info):
-    if method == "owled" and info["kind"] != "driving":
-        raise PruneError("--method owled calibrates on driving data (frames + questions); --calib is a text file")
-    if method == "owl" and info["kind"] != "text":
-        raise PruneError("--method owl is the generic-text baseline; --calib must be a text file (use owled for driving data)")
+    promised = METHODS[method][2]
+    if promised == "driving" and info["kind"] != "driving":
+        raise PruneError(f"--method {method} calibrates on driving data (frames + questions); --calib is a text file")
+    if promised == "text" and info["kind"] != "text":
+        raise PruneError(f"--method {method} is the generic-text baseline; --calib must be a text file "
+                         "(use owled for driving data)")
+
+
+def make_spec(method, targets, nm, m_factor, lam, pruner, allocation, outlier_ratio):
+    """The PruneSpec of a --method preset, with --pruner/--allocation overriding its parts."""
+    if method not in METHODS:
+        raise PruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    preset_pruner, preset_allocation, _ = METHODS[method]
+    try:
+        return PruneSpec(pruner or preset_pruner, allocation or preset_allocation, targets, nm, m_factor, lam, outlier_ratio)
+    except ValueError as error:
+        raise PruneError(str(error)) from None
 
 
 def peak_rss_mb():
@@ -62,18 +85,16 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prune(model_dir, out, method="owled", sparsity="0.5", calib=None, nm=None, m_factor=5.0, lam=0.08,
-          nsamples=128, seed=0, progress=True):
-    """Prune model_dir into out (written to a temporary directory, renamed at the end). Returns the report."""
+def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_factor=5.0, lam=0.08,
+          nsamples=128, seed=0, progress=True, pruner=None, allocation=None, outlier_ratio="per-layer"):
+    """Prune model_dir into out (written to a temporary directory, renamed at the end). Returns the report.
+    sparsity: '0.5' or 'llm=0.5,vision=0.2'; default 0.5, or with nm all that N:M removes (1 - n/m)."""
     start = time.time()
-    if method not in METHODS:
-        raise PruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     nm = parse_nm(nm)
-    targets = parse_sparsity(sparsity)
-    if nm:
-        targets = {g: 1 - nm[0] / nm[1] for g in (targets or {"llm": 0})}
+    targets = parse_sparsity(sparsity if sparsity is not None else f"{1 - nm[0] / nm[1]:g}" if nm else "0.5")
     if not targets:
         raise PruneError("nothing to prune: every --sparsity target is 0")
+    spec = make_spec(method, targets, nm, m_factor, lam, pruner, allocation, outlier_ratio)
     out = Path(out)
     if out.exists():
         raise PruneError(f"output directory already exists: {out}")
@@ -82,22 +103,23 @@ def prune(model_dir, out, method="owled", sparsity="0.5", calib=None, nm=None, m
     except ValueError as error:
         raise PruneError(str(error)) from None
     samples, run, info = None, None, {"kind": "none"}
-    if method != "magnitude":
+    if spec.needs_activations or spec.outlier_weighted:
         if calib is None:
             raise PruneError(f"--method {method} needs --calib")
         samples, run, info = calibration.load(calib, model.tokenizer, nsamples, seed)
         check_calibration(method, info)
         if "vision" in targets and info["kind"] == "text":
             raise PruneError("pruning the vision side needs image calibration; --calib is a text file")
-    spec = PruneSpec(method, targets, nm, m_factor, lam)
     records = prune_model(model, samples, run, spec, progress)
 
-    report = make_report(model, records, spec, info, nsamples if samples else 0)
+    report = make_report(model, records, method, spec, info, nsamples if samples else 0)
     report["seconds"] = round(time.time() - start, 1)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    model.config["compression"] = {"method": method, "sparsity": report["achieved"]["pruned_components"],
+    model.config["compression"] = {"method": method, "pruner": spec.pruner, "allocation": spec.allocation,
+                                   "sparsity": report["achieved"]["pruned_components"],
                                    "targets": targets, "nm": list(nm) if nm else None, "source_model": model.model_id}
-    model.config["model_id"] = f"{model.model_id}-{method}-" + (f"{nm[0]}of{nm[1]}" if nm else "-".join(f"{g}{s:g}" for g, s in targets.items()))
+    model.config["model_id"] = f"{model.model_id}-{method}-" + (f"{nm[0]}of{nm[1]}-" if nm else "") + "-".join(
+        f"{g}{s:g}" for g, s in targets.items())
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -117,7 +139,7 @@ def pruned_weight_names(model, records):
     return {f"{names[id(linears(components[r.component][r.index])[layer])]}.weight" for r in records for layer in r.layers}
 
 
-def make_report(model, records, spec, info, nsamples):
+def make_report(model, records, method, spec, info, nsamples):
     per_component = {}
     for r in records:
         per_component.setdefault(r.component, {}).update({f"{r.index}.{k}": v for k, v in r.layers.items()})
@@ -130,7 +152,8 @@ def make_report(model, records, spec, info, nsamples):
                                       "parameter_weighted_mean": sum(r.target * s for r, s in zip(rs, sizes)) / sum(sizes)}
     total = sum(p.numel() for p in model.parameters())
     return {
-        "model_id": model.model_id, "method": spec.method, "targets": spec.targets,
+        "model_id": model.model_id, "method": method, "pruner": spec.pruner, "allocation": spec.allocation,
+        "outlier_ratio": spec.outlier_ratio if spec.outlier_weighted else None, "targets": spec.targets,
         "nm": list(spec.nm) if spec.nm else None, "M": spec.m_factor, "lambda": spec.lam,
         "calibration": info | {"nsamples": nsamples},
         "achieved": {"pruned_components": achieved(all_layers),

@@ -29,43 +29,46 @@ def nm_mask(scores, n, m):
 
 
 def outlier_ratio(scores, m_factor):
-    """Share of the pooled scores (all linear layers of a block) above m_factor x their mean."""
+    """Share of the pooled scores (e.g. all linear layers of a block) above m_factor x their mean."""
     pooled = torch.cat([s.flatten() for s in scores])
     return (pooled > m_factor * pooled.mean()).float().mean().item()
 
 
 def owl_allocation(ratios, target, lam, weights=None, floor=0.0, ceiling=0.99):
-    """Per-block sparsity from outlier ratios, as OWL does it: min-max scale the ratios to [0, 2*lam],
-    S_l = S - (D'_l - mean D'). Blocks with more outliers get lower sparsity. Deviations are then shrunk
-    (if needed) to stay within [S - lam, S + lam], clipped to [floor, ceiling], and the parameter-weighted
-    mean made exactly S. Returns (sparsities, the unweighted mean)."""
+    """Per-block sparsity from outlier ratios as OWL's published code does it: min-max scale the ratios to
+    [0, 2*lam] (D'), S_l = S - (D'_l - mean D'), so blocks with more outliers get lower sparsity and the
+    band is exactly 2*lam wide. The mean is parameter-weighted (blocks of unequal size), which makes the
+    achieved sparsity S; OWL's blocks are all the same size, where this is its plain mean. Only a band that
+    leaves [floor, ceiling] is clipped, the residual spread over the unclipped blocks.
+    Returns (sparsities, the unweighted mean)."""
     ratios = np.asarray(ratios, dtype=np.float64)
     weights = np.ones_like(ratios) if weights is None else np.asarray(weights, dtype=np.float64)
     spread = ratios.max() - ratios.min()
     scaled = np.zeros_like(ratios) if spread == 0 else (ratios - ratios.min()) / spread * 2 * lam
-    deviation = np.average(scaled, weights=weights) - scaled
-    largest = np.abs(deviation).max()
-    if largest > lam:
-        deviation *= lam / largest
-    low, high = max(floor, target - lam), min(ceiling, target + lam)
-    sparsities = np.clip(target + deviation, low, high)
+    sparsities = np.clip(target - (scaled - np.average(scaled, weights=weights)), floor, ceiling)
     for _ in range(100):  # clipping moves the weighted mean; spread the residual over the unclipped blocks
         residual = target - np.average(sparsities, weights=weights)
-        free = (sparsities > low) & (sparsities < high)
+        free = (sparsities > floor) & (sparsities < ceiling)
         if abs(residual) < 1e-12 or not free.any():
             break
         sparsities[free] += residual * weights.sum() / weights[free].sum()
-        sparsities = np.clip(sparsities, low, high)
+        sparsities = np.clip(sparsities, floor, ceiling)
     return sparsities.tolist(), float(sparsities.mean())
 
 
-def owl_nm_allocation(ratios, n, m):
-    """N:M with outlier weighting: the quarter of blocks with most outliers keep n+1 of m, the quarter
-    with fewest keep n-1 (within 1..m-1), the rest n; the mean N stays exactly n."""
-    order = np.argsort(ratios)
-    shift = len(ratios) // 4 if 2 <= n <= m - 2 else 0
-    kept = np.full(len(ratios), n)
-    if shift:
-        kept[order[:shift]] = n - 1
-        kept[order[-shift:]] = n + 1
-    return kept.tolist()
+def nm_selection(layers, target, n, m):
+    """Hardware N:M with outlier weighting: which linear layers get the N:M pattern so that the removed
+    weights reach `target` of all, the rest staying dense. layers: [(key, numel, rank)], rank ordering
+    layers from fewest outliers (pruned first) to most (kept dense). Layers are added in that order until
+    the target is met; the result overshoots it by less than the last layer's share."""
+    total = sum(numel for _, numel, _ in layers)
+    removed_share = 1 - n / m
+    if target > removed_share + 1e-12:
+        raise ValueError(f"sparsity {target:g} is above what {n}:{m} removes ({removed_share:g})")
+    chosen, removed = set(), 0.0
+    for key, numel, _ in sorted(layers, key=lambda layer: layer[2]):
+        if removed >= target * total - 1e-9:
+            break
+        chosen.add(key)
+        removed += numel * removed_share
+    return chosen
