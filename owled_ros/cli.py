@@ -111,16 +111,19 @@ def cmd_eval(args):
         if not Path(args.frames).exists():
             write_synthetic(args.frames, args.count, seed=999, vehicle="eval")
     samples = read_samples(args.frames)
-    result = {"model": model.model_id, "images": evaluate(model, samples, args.max_new_tokens)}
-    if args.blank:
-        result["blank_images"] = evaluate(model, samples, args.max_new_tokens, blank=True)
+    result = {"model": model.model_id}
+    for name, blank in (("images", False), ("blank_images", True))[:2 if args.blank else 1]:
+        scored = evaluate(model, samples, args.generated, args.max_new_tokens, blank)
+        result[name] = {"frame_sets": scored["frame_sets"], "generated_frame_sets": scored["generated_frame_sets"],
+                        "metrics": {k: dict(zip(("value", "low", "high"), v)) for k, v in scored["metrics"].items()}}
     print(json_.dumps(result, indent=2))
 
 
 def cmd_bench(args):
     from .eval.bench import run_bench
 
-    run_bench(resolve_model(args.model), args.out, nsamples=args.nsamples, eval_frames=args.eval_frames)
+    run_bench(resolve_model(args.model), args.out, nsamples=args.nsamples, eval_frames=args.eval_frames,
+              generated_frames=args.generated_frames)
 
 
 def parser():
@@ -197,7 +200,8 @@ def parser():
     s = sub.add_parser("eval", help="driving + language metrics on a QA set, or perplexity on a text")
     s.add_argument("--model", default="default")
     s.add_argument("--frames", help="QA set with ground truth (default: held-out synthetic frame sets)")
-    s.add_argument("--count", type=int, default=30, help="synthetic frame sets when --frames is not given")
+    s.add_argument("--count", type=int, default=200, help="synthetic frame sets when --frames is not given")
+    s.add_argument("--generated", type=int, default=20, help="frame sets whose answers are generated (language metrics)")
     s.add_argument("--workdir", default="runs")
     s.add_argument("--blank", action="store_true", help="also score with every image blanked (do images matter?)")
     s.add_argument("--text", help="perplexity of the language model on this text file instead")
@@ -210,7 +214,8 @@ def parser():
     s.add_argument("--model", default="default")
     s.add_argument("--out", default="bench/results")
     s.add_argument("--nsamples", type=int, default=32)
-    s.add_argument("--eval-frames", type=int, default=20)
+    s.add_argument("--eval-frames", type=int, default=200, help="held-out frame sets for the closed questions")
+    s.add_argument("--generated-frames", type=int, default=20, help="of which answers are generated (language metrics)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the whole loop on the default model: drive bag -> recorder -> OWLed -> drive node")

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from nltk.translate.bleu_score import corpus_bleu
 
 from models import tiny_decoder
-from owled_ros.eval.bench import COLUMNS, run_bench
+from owled_ros.eval.bench import CLOSED, COST, GENERATED, run_bench
 from owled_ros.data.calib import read_samples, write_synthetic
 from owled_ros.eval.evaluate import CATEGORIES, score
 from owled_ros.eval.metrics import accuracy, language_metrics, mean_absolute_error, tokenize
@@ -103,22 +104,30 @@ def test_perplexity_scores_every_token_once():
     assert windowed == pytest.approx(whole, rel=1e-4)
 
 
-def test_bench_writes_every_declared_column(tmp_path):
+def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(tmp_path):
     tiny_decoder().save_pretrained(tmp_path / "model")
-    summary = run_bench(tmp_path / "model", tmp_path / "out", sparsities=(0.5,), paper_range=(), nm=None,
-                        component_sparsity=0, nsamples=8, eval_frames=2, max_new_tokens=4, log=lambda *_: None)
+    summary = run_bench(tmp_path / "model", tmp_path / "out", sparsities=(0.5,), nm="2:4", methods=("wanda", "owled"),
+                        nsamples=8, eval_frames=4, generated_frames=2, max_new_tokens=4, log=lambda *_: None)
     names = [r["name"] for r in summary["results"]]
-    assert names == ["dense", "dense, blank images", "magnitude-0.5", "wanda-0.5", "owl-0.5", "owled-0.5"]
+    assert names == ["dense", "dense, blank images", "wanda-0.5", "owled-0.5", "wanda-2:4", "owled-2:4-0.4"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    for row in saved["results"][2:]:
-        assert {key for key, _ in COLUMNS} <= set(row), row["name"]
-        assert row["achieved"] == pytest.approx(0.5, abs=0.02)
+    for row in saved["results"]:
+        for key in [k for k, _ in CLOSED + GENERATED]:
+            value, low, high = row["metrics"][key]
+            assert low - 1e-9 <= value <= high + 1e-9, (row["name"], key)
+        assert all(len(v) == 4 for v in row["items"].values())  # one value per frame set
+        assert {key for key, _ in COST} - {"prune_s", "prune_peak_mb"} <= set(row)
+    assert saved["results"][3]["achieved"] == pytest.approx(0.5, abs=0.02)
+    assert saved["results"][5]["achieved"] == pytest.approx(0.4, abs=0.1)
+    assert {(c["challenger"], c["baseline"]) for c in saved["comparisons"]} == {("owled-0.5", "wanda-0.5")}
+    assert all(c["low"] <= c["difference"] <= c["high"] for c in saved["comparisons"])
     tables = [block.splitlines() for block in (tmp_path / "out" / "results.md").read_text().split("\n\n") if block.startswith("|")]
-    main, images, categories, cost = tables
+    closed_table, generated, cost, images, paired = tables
+    assert all(title in closed_table[0] for _, title in CLOSED) and len(closed_table) == 2 + len(names)
+    assert all(title in generated[0] for _, title in GENERATED) and len(generated) == 2 + len(names)
+    assert " [" in closed_table[2]  # value [low, high]
     assert [line.split(" | ")[0] for line in images[2:]] == ["| dense", "| dense, blank images"]
-    assert all(title in main[0] for _, title in COLUMNS) and len(main) == 2 + len(names)
-    assert all(c in categories[0] for c in CATEGORIES) and len(categories) == 2 + len(names)
-    assert [line.split(" | ")[0] for line in cost[2:]] == ["| magnitude", "| wanda", "| owl", "| owled"]
+    assert len(paired) == 2 + len(saved["comparisons"])
     assert (tmp_path / "out" / "metrics_vs_sparsity.png").stat().st_size > 0
     assert (tmp_path / "out" / "report-owled-0.5.json").is_file() and not (tmp_path / "out" / "work").exists()
 
@@ -135,3 +144,21 @@ def test_update_readme_copies_each_included_file_and_refuses_missing_ones(tmp_pa
     failed = subprocess.run([sys.executable, str(script), str(readme)], capture_output=True, text=True)
     assert failed.returncode != 0 and "results/b.md" in failed.stderr
     assert "kept" in readme.read_text()
+
+
+def test_text_check_prunes_each_run_from_the_same_dense_weights(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import text_check
+
+    model = tiny_decoder(seed=6)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    runs = [r for r in text_check.plan(sparsities=(0.5,), pruners=("wanda", "sparsegpt"))
+            if r[0] in ("wanda-uniform-0.5", "sparsegpt-owl-0.5", "sparsegpt-2:4")]
+    summary = text_check.check(model, runs, nsamples=4, log=lambda *_: None)
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())  # restored afterwards
+    rows = {r["name"]: r for r in summary["results"]}
+    assert rows["wanda-uniform-0.5"]["achieved"] == pytest.approx(0.5) and rows["sparsegpt-2:4"]["achieved"] == pytest.approx(0.5)
+    assert all(math.isfinite(r["perplexity"]) for r in rows.values())
+    assert rows["wanda-uniform-0.5"]["perplexity"] != rows["dense"]["perplexity"]
+    text = text_check.markdown(summary, sparsities=(0.5,))
+    assert "| sparsegpt | owl | " in text and "2:4 everywhere" in text

@@ -18,6 +18,7 @@ NEAR_M = 30.0  # "within 30 m", as the OWLed paper counts objects
 ACTIONS = ("keep_lane", "slow_down", "stop", "change_lane_left")
 ACTION_TEXT = {"keep_lane": "Keep lane", "slow_down": "Slow down", "stop": "Stop", "change_lane_left": "Change lane to the left"}
 LIGHT_STATES = ("red", "yellow", "green")
+MAX_VEHICLES, MAX_PEDESTRIANS = 4, 3  # per scene, so also within 30 m
 OBJECT_SIZE_M = {"car": (1.8, 1.5), "truck": (2.5, 3.2), "pedestrian": (0.6, 1.75), "cyclist": (0.7, 1.7)}
 OBJECT_COLORS = {"car": [(200, 40, 40), (40, 80, 200), (230, 230, 230), (30, 30, 30), (40, 160, 60)],
                  "truck": [(220, 180, 40), (120, 120, 120)], "pedestrian": [(250, 120, 0), (150, 0, 150)],
@@ -101,12 +102,12 @@ def camera_of(agent):
 def sample_scene(seed):
     rng = random.Random(seed)
     scene = Scene(seed=seed, ego_speed_mps=rng.uniform(3, 15))
-    for _ in range(rng.randint(0, 4)):  # vehicles in the ego lane, left lane, oncoming lane, behind
+    for _ in range(rng.randint(0, MAX_VEHICLES)):  # vehicles in the ego lane, left lane, oncoming lane, behind
         lane_y = rng.choice([0.0, 3.6, -3.6])
         label = rng.choice(["car", "car", "car", "truck"])
         scene.agents.append(Agent(label, rng.uniform(-35, 60), lane_y + rng.uniform(-0.4, 0.4), rng.random() < 0.7,
                                   color=rng.choice(OBJECT_COLORS[label])))
-    for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
+    for _ in range(rng.choice([0, 0, 1, 1, 2, MAX_PEDESTRIANS])):
         label = "pedestrian" if rng.random() < 0.8 else "cyclist"
         side = rng.choice([1, -1])
         crossing = label == "pedestrian" and rng.random() < 0.25
@@ -210,16 +211,19 @@ def render(scene, cameras=CAMERAS, height=192, width=336):
     return {camera: render_view(scene, camera, height, width) for camera in cameras}
 
 
-def _count(n, noun):
+def count_text(n, noun):
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def light_answer(light):
+    return "There is no traffic light." if light == "none" else f"The traffic light is {light}."
 
 
 def describe(scene):
     """The reference answer to the perception question."""
-    text = (f"There are {_count(len(scene.near('car', 'truck')), 'vehicle')} and "
-            f"{_count(len(scene.near('pedestrian', 'cyclist')), 'pedestrian')} within 30 meters.")
-    text += " There is no traffic light." if scene.light == "none" else f" The traffic light is {scene.light}."
-    return text + (" There is a stop sign." if scene.stop_sign else "")
+    text = (f"There are {count_text(len(scene.near('car', 'truck')), 'vehicle')} and "
+            f"{count_text(len(scene.near('pedestrian', 'cyclist')), 'pedestrian')} within 30 meters. ")
+    return text + light_answer(scene.light) + (" There is a stop sign." if scene.stop_sign else "")
 
 
 BEHAVIOR = {"keep_lane": "going straight at a steady speed", "slow_down": "going straight and slowing down",
@@ -234,6 +238,23 @@ QUESTIONS = {
 }
 CATEGORY = {"perception": "perception", "lights": "perception", "crossing": "prediction", "lead": "prediction",
             "planning": "planning", "behavior": "behavior"}
+LEAD_STATES = ("none", "moving", "stopped")
+
+
+def crossing_answer(crossing):
+    return "Yes, a pedestrian is crossing." if crossing else "No."
+
+
+def lead_answer(state):
+    return {"none": "There is no vehicle ahead.", "moving": "Yes, it is moving.", "stopped": "No, it is stopped."}[state]
+
+
+def planning_answer(action, reason):
+    return f"{ACTION_TEXT[action]}, because {reason}."
+
+
+def behavior_answer(action):
+    return f"The ego vehicle is {BEHAVIOR[action]}."
 
 
 def qa(scene):
@@ -242,12 +263,11 @@ def qa(scene):
     lead = scene.lead_vehicle()
     answers = {
         "perception": describe(scene),
-        "lights": "There is no traffic light." if scene.light == "none" else f"The traffic light is {scene.light}.",
-        "crossing": "Yes, a pedestrian is crossing." if any(a.crossing for a in scene.agents) else "No.",
-        "lead": ("There is no vehicle ahead." if lead is None else
-                 "Yes, it is moving." if lead.moving else "No, it is stopped."),
-        "planning": f"{ACTION_TEXT[action]}, because {reason}.",
-        "behavior": f"The ego vehicle is {BEHAVIOR[action]}.",
+        "lights": light_answer(scene.light),
+        "crossing": crossing_answer(any(a.crossing for a in scene.agents)),
+        "lead": lead_answer("none" if lead is None else "moving" if lead.moving else "stopped"),
+        "planning": planning_answer(action, reason),
+        "behavior": behavior_answer(action),
     }
     return [{"id": f"{scene.seed}-{kind}", "kind": kind, "category": CATEGORY[kind], "question": QUESTIONS[kind],
              "answer": answers[kind]} for kind in QUESTIONS]

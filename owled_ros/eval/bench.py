@@ -1,7 +1,9 @@
 """`owled bench`: methods x sparsities on one model, one run; results.json, results.md and plots.
 
 Each prune runs as its own `owled prune` process, so its time and peak RSS are its own. Every pruned model
-is scored on the same held-out synthetic frame sets and texts, then deleted (its report is kept).
+is scored on the same held-out synthetic frame sets and texts, then deleted (its report is kept): closed
+questions by likelihood on every frame set, generated answers on the first ones. Every metric carries a
+bootstrap 95 % interval; a method beats another only where the paired test on the same frame sets says so.
 """
 import json
 import math
@@ -14,26 +16,38 @@ from pathlib import Path
 
 from ..data.calib import read_samples, write_synthetic
 from ..model.vlm import DrivingVLM
-from .evaluate import CATEGORIES, evaluate
+from .evaluate import evaluate
 from .perplexity import perplexity
+from .stats import paired_difference
 
-METHODS = ("magnitude", "wanda", "owl", "owled")
-TEXTS = {"driving": "driving.txt", "generic": "generic.txt"}
-COLUMNS = [("method", "method"), ("target", "target"), ("achieved", "achieved"), ("action_accuracy", "action acc"),
-           ("light_accuracy", "light acc"), ("vehicle_count_mae", "vehicle MAE"), ("pedestrian_count_mae", "ped. MAE"),
-           ("bleu4", "BLEU-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"),
-           ("ppl_driving", "ppl driving"), ("ppl_generic", "ppl generic"), ("size_mb", "size MB"),
-           ("seconds_per_answer", "s/answer"), ("prune_s", "prune s"), ("prune_peak_mb", "prune peak MB")]
+TEXTS = ("driving", "generic")  # perplexity texts of every benchmarked model
+CLOSED = [("closed_mean_acc", "mean acc"), ("action_acc", "action"), ("light_acc", "light"), ("crossing_acc", "crossing"),
+          ("lead_acc", "lead"), ("vehicle_count_acc", "vehicles"), ("pedestrian_count_acc", "pedestrians"),
+          ("vehicle_count_mae", "vehicle MAE"), ("pedestrian_count_mae", "ped. MAE")]
+GENERATED = [("gen_action_accuracy", "action acc (parsed)"), ("gen_light_accuracy", "light acc (parsed)"),
+             ("gen_bleu4", "BLEU-4"), ("gen_meteor", "METEOR"), ("gen_rouge_l", "ROUGE-L"), ("gen_cider", "CIDEr")]
+COST = [("ppl_driving", "ppl driving"), ("ppl_generic", "ppl generic"), ("size_mb", "size MB"),
+        ("seconds_per_answer", "s/answer"), ("prune_s", "prune s"), ("prune_peak_mb", "prune peak MB")]
+# (challenger, baseline): the same pruner and calibration, OWL's allocation against the uniform one, and
+# SparseGPT's reconstruction against Wanda's scores
+PAIRS = [("owled", "wanda"), ("owled-sparsegpt", "sparsegpt"), ("sparsegpt", "wanda"), ("owled-sparsegpt", "owled"),
+         ("owled", "owl")]
+COMPARED = ["closed_mean_acc", "action_acc", "light_acc"]
 
 
 def text_path(name):
-    return Path(resources.files("owled_ros") / "data" / "text" / TEXTS[name])
+    """One of the shipped texts (owled_ros/data/text/SOURCES.md): driving, generic or heldout."""
+    return Path(resources.files("owled_ros") / "data" / "text" / f"{name}.txt")
 
 
-def runs(sparsities, paper_range, nm, component_sparsity):
-    """(name, method, sparsity spec, nm) of the sweep."""
-    plan = [(f"{m}-{s:g}", m, f"{s:g}", None) for s in sparsities for m in METHODS]
-    plan += [(f"{m}-{nm}", m, "0.5", nm) for m in METHODS] if nm else []
+def runs(sparsities, paper_range, nm, component_sparsity,
+         methods=("magnitude", "wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt")):
+    """(name, method, sparsity spec, nm) of the sweep. Magnitude only at the lowest sparsity: it has
+    already lost the answers there."""
+    plan = [(f"{m}-{s:g}", m, f"{s:g}", None) for s in sparsities for m in methods if m != "magnitude" or s == sparsities[0]]
+    if nm:  # every linear N:M (the allocation changes nothing there), and OWL's dense outlier layers at 40 %
+        plan += [(f"{m}-{nm}", m, None, nm) for m in methods if m in ("wanda", "sparsegpt")]
+        plan += [(f"{m}-{nm}-0.4", m, "0.4", nm) for m in methods if m in ("owled", "owled-sparsegpt")]
     plan += [(f"{m}-{s:g}", m, f"{s:g}", None) for s in paper_range for m in ("wanda", "owled") if s not in sparsities]
     if component_sparsity:
         plan += [(f"owled-vision-only-{component_sparsity:g}", "owled", f"vision={component_sparsity:g}", None),
@@ -41,16 +55,18 @@ def runs(sparsities, paper_range, nm, component_sparsity):
     return plan
 
 
-def measure(model, model_dir, eval_samples, max_new_tokens):
-    metrics = evaluate(model, eval_samples, max_new_tokens)
+def measure(model, model_dir, eval_samples, generated, max_new_tokens, blank=False):
+    scored = evaluate(model, eval_samples, generated, max_new_tokens, blank)
+    row = {"metrics": scored["metrics"], "items": scored["items"], "seconds_per_answer": scored["seconds_per_answer"],
+           "frame_sets": scored["frame_sets"], "generated_frame_sets": scored["generated_frame_sets"]}
     for name in TEXTS:
-        metrics[f"ppl_{name}"] = perplexity(model.lm, model.tokenizer, text_path(name).read_text())
-    metrics["size_mb"] = (Path(model_dir) / "model.safetensors").stat().st_size / 2**20
-    return metrics
+        row[f"ppl_{name}"] = perplexity(model.lm, model.tokenizer, text_path(name).read_text())
+    row["size_mb"] = (Path(model_dir) / "model.safetensors").stat().st_size / 2**20
+    return row
 
 
-def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), paper_range=(0.1, 0.2, 0.3, 0.4), nm="2:4",
-              component_sparsity=0.3, nsamples=32, eval_frames=20, max_new_tokens=40, log=print):
+def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), paper_range=(), nm="2:4", component_sparsity=0,
+              nsamples=32, eval_frames=200, generated_frames=20, max_new_tokens=32, methods=None, log=print):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -61,38 +77,64 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), paper_range=(0.1, 0.2,
     started = time.time()
     model = DrivingVLM.from_pretrained(model_dir)
     dense = {"name": "dense", "method": "dense", "target": "0", "achieved": 0.0,
-             **measure(model, model_dir, eval_samples, max_new_tokens)}
+             **measure(model, model_dir, eval_samples, generated_frames, max_new_tokens)}
     # The same dense model with every camera blanked: what the answers owe to the images.
-    blank = evaluate(model, eval_samples, max_new_tokens, blank=True)
+    blank = {"name": "dense, blank images", "method": "dense", "target": "0", "achieved": 0.0,
+             **measure(model, model_dir, eval_samples, generated_frames, max_new_tokens, blank=True)}
     del model
-    results = [dense, {**dense, **blank, "name": "dense, blank images"}]
-    log(f"dense: {dense['action_accuracy']:.3f} action accuracy ({blank['action_accuracy']:.3f} with blank images)")
-    for name, method, sparsity, pattern in runs(sparsities, paper_range, nm, component_sparsity):
+    results = [dense, blank]
+    log(f"dense: closed mean accuracy {dense['metrics']['closed_mean_acc'][0]:.3f} "
+        f"({blank['metrics']['closed_mean_acc'][0]:.3f} with blank images)")
+    plan = runs(sparsities, paper_range, nm, component_sparsity, *([methods] if methods else []))
+    for name, method, sparsity, pattern in plan:
         calib = text_path("generic") if method == "owl" else work / "calib"
         command = [sys.executable, "-m", "owled_ros.cli", "prune", "--model", str(model_dir), "--out", str(work / name),
-                   "--method", method, "--sparsity", sparsity, "--calib", str(calib), "--nsamples", str(nsamples)]
-        if pattern:
-            command += ["--nm", pattern]
+                   "--method", method, "--calib", str(calib), "--nsamples", str(nsamples)]
+        command += ["--sparsity", sparsity] if sparsity else []
+        command += ["--nm", pattern] if pattern else []
         subprocess.run(command, check=True, capture_output=True, text=True)
         report = json.loads((work / name / "report.json").read_text())
-        row = {"name": name, "method": method, "target": pattern or sparsity, "achieved": report["achieved"]["pruned_components"],
-               "prune_s": report["seconds"], "prune_peak_mb": report["peak_rss_mb"],
-               **measure(DrivingVLM.from_pretrained(work / name), work / name, eval_samples, max_new_tokens)}
+        row = {"name": name, "method": method, "target": f"{pattern} {sparsity or ''}".strip() if pattern else sparsity,
+               "achieved": report["achieved"]["pruned_components"], "prune_s": report["seconds"],
+               "prune_peak_mb": report["peak_rss_mb"],
+               **measure(DrivingVLM.from_pretrained(work / name), work / name, eval_samples, generated_frames, max_new_tokens)}
         results.append(row)
         shutil.copy(work / name / "report.json", out / f"report-{name}.json")
         shutil.rmtree(work / name)
-        log(f"{name}: achieved {row['achieved']:.3f}, action accuracy {row['action_accuracy']:.3f}, "
-            f"BLEU-4 {row['bleu4']:.3f}, ppl driving {row['ppl_driving']:.1f}")
+        log(f"{name}: achieved {row['achieved']:.3f}, closed mean accuracy {row['metrics']['closed_mean_acc'][0]:.3f}, "
+            f"action {row['metrics']['action_acc'][0]:.3f}, BLEU-4 {row['metrics']['gen_bleu4'][0]:.3f}")
     summary = {"model": str(model_dir), "nsamples": nsamples, "eval_frame_sets": eval_frames,
-               "answers_per_model": results[0]["answers"], "seconds": round(time.time() - started), "results": results}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+               "generated_frame_sets": dense["generated_frame_sets"], "seconds": round(time.time() - started),
+               "comparisons": comparisons(results), "results": results}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(markdown(summary))
     plot(results, out)
     shutil.rmtree(work)
     return summary
 
 
+def comparisons(results):
+    """Paired differences (challenger - baseline) at the same target, on the same frame sets."""
+    by_name = {r["name"]: r for r in results}
+    found = []
+    for row in results:
+        for challenger, baseline in PAIRS:
+            if row["method"] != challenger:
+                continue
+            other = by_name.get(row["name"].replace(challenger, baseline, 1))
+            if other is None or other["method"] != baseline:
+                continue
+            for metric in COMPARED:
+                diff, low, high, verdict = paired_difference(row["items"][metric], other["items"][metric])
+                found.append({"challenger": row["name"], "baseline": other["name"], "metric": metric,
+                              "difference": diff, "low": low, "high": high, "verdict": verdict})
+    return found
+
+
 def cell(value):
+    if isinstance(value, (list, tuple)):
+        point, low, high = value
+        return "–" if math.isnan(point) else f"{cell(point)} [{cell(low)}, {cell(high)}]"
     if isinstance(value, float):
         return "–" if math.isnan(value) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
@@ -104,22 +146,28 @@ def table(header, rows):
 
 def markdown(summary):
     results = summary["results"]
-    lines = [f"Model `{Path(summary['model']).name}`, {summary['answers_per_model']} answers per model on "
-             f"{summary['eval_frame_sets']} held-out synthetic 6-camera frame sets, {summary['nsamples']} calibration "
-             f"samples; sweep took {summary['seconds']} s.", ""]
-    lines += table(["run"] + [title for _, title in COLUMNS], [[r["name"]] + [r.get(key, "") for key, _ in COLUMNS] for r in results])
+    lines = [f"Model `{Path(summary['model']).name}`; held-out synthetic 6-camera frame sets: closed questions on "
+             f"{summary['eval_frame_sets']}, generated answers on the first {summary['generated_frame_sets']}; "
+             f"{summary['nsamples']} calibration samples; sweep took {summary['seconds']} s. "
+             "Each cell: value [bootstrap 95 % interval over frame sets].", "",
+             "Closed questions, scored by likelihood (accuracy; MAE in objects).", ""]
+    lines += table(["run", "target", "achieved"] + [t for _, t in CLOSED],
+                   [[r["name"], r["target"], r["achieved"]] + [r["metrics"][k] for k, _ in CLOSED] for r in results])
+    lines += ["", "Generated answers (greedy): driving values parsed from the text, and language metrics.", ""]
+    lines += table(["run"] + [t for _, t in GENERATED], [[r["name"]] + [r["metrics"][k] for k, _ in GENERATED] for r in results])
+    lines += ["", "Perplexity, size, speed and pruning cost (each prune its own process).", ""]
+    lines += table(["run"] + [t for _, t in COST], [[r["name"]] + [r.get(k, "") for k, _ in COST] for r in results])
     dense, blank = results[:2]
     lines += ["", "Do the images matter? The dense model on the same frame sets with every camera blanked.", ""]
-    lines += table(["images", "action exact match", "action acc", "description BLEU-4", "vehicle MAE", "light acc"],
-                   [[r["name"], r["action_exact_match"], r["action_accuracy"], r["description_bleu4"],
-                     r["vehicle_count_mae"], r["light_accuracy"]] for r in (dense, blank)])
-    lines += ["", "Per question category: exact match / BLEU-4.", ""]
-    lines += table(["run"] + list(CATEGORIES), [[r["name"]] + [f"{r[c]['exact_match']:.2f} / {r[c]['bleu4']:.3f}" for c in CATEGORIES]
-                                                 for r in results])
-    cost = [r for r in results if r["method"] in METHODS and r["target"] == "0.5"]
-    lines += ["", "Pruning cost at 50 % (language model), each prune its own process.", ""]
-    lines += table(["method", "prune s", "peak RSS MB", "achieved"], [[r["method"], r["prune_s"], r["prune_peak_mb"], r["achieved"]]
-                                                                    for r in cost])
+    keys = [("closed_mean_acc", "mean acc"), ("action_acc", "action"), ("light_acc", "light"),
+            ("vehicle_count_mae", "vehicle MAE"), ("gen_description_bleu4", "description BLEU-4")]
+    lines += table(["images"] + [t for _, t in keys], [[r["name"]] + [r["metrics"][k] for k, _ in keys] for r in (dense, blank)])
+    verdicts = {1: "**better**", -1: "**worse**", 0: "no difference shown"}
+    lines += ["", "Paired comparisons on the same frame sets: challenger − baseline [95 % interval]; better/worse "
+                  "only where the interval excludes 0.", ""]
+    lines += table(["challenger", "baseline", "metric", "difference", "verdict"],
+                   [[c["challenger"], c["baseline"], c["metric"], (c["difference"], c["low"], c["high"]), verdicts[c["verdict"]]]
+                    for c in summary["comparisons"]])
     return "\n".join(lines) + "\n"
 
 
@@ -129,14 +177,20 @@ def plot(results, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    unstructured = [r for r in results if r["method"] in METHODS and ":" not in r["target"] and "=" not in r["target"]]
-    metrics = [("action_accuracy", "action accuracy"), ("bleu4", "BLEU-4"), ("ppl_driving", "perplexity (driving text)")]
+    unstructured = [r for r in results if r["method"] != "dense" and ":" not in r["target"] and "=" not in r["target"]]
+    methods = list(dict.fromkeys(r["method"] for r in unstructured))
+    metrics = [("closed_mean_acc", "closed questions: mean accuracy"), ("action_acc", "action accuracy (likelihood)"),
+               ("gen_bleu4", "BLEU-4 (generated)"), ("ppl_driving", "perplexity (driving text)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     dense = results[0]
+    value = lambda row, key: row["metrics"][key] if key in row["metrics"] else (row[key],) * 3
     for ax, (key, title) in zip(axes, metrics):
-        for method in METHODS:
-            rows = sorted((r for r in unstructured if r["method"] == method), key=lambda r: float(r["target"]))
-            ax.plot([0] + [float(r["target"]) for r in rows], [dense[key]] + [r[key] for r in rows], marker="o", label=method)
+        for method in methods:
+            rows = [dense] + sorted((r for r in unstructured if r["method"] == method), key=lambda r: float(r["target"]))
+            x = [0] + [float(r["target"]) for r in rows[1:]]
+            points = [value(r, key) for r in rows]
+            line, = ax.plot(x, [p[0] for p in points], marker="o", label=method)
+            ax.fill_between(x, [p[1] for p in points], [p[2] for p in points], color=line.get_color(), alpha=0.12)
         ax.set_xlabel("target sparsity (language model)")
         ax.set_title(title)
         if key.startswith("ppl"):

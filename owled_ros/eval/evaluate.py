@@ -1,28 +1,56 @@
-"""Answer quality of a model on a QA set with ground truth (the synthetic world): driving and language metrics."""
+"""Answer quality of a model on a QA set with ground truth (the synthetic world).
+
+Two views of the same model: closed questions scored by likelihood on every frame set (closed.py), and
+generated answers on a subset (language metrics, and driving values parsed from the free text). Every
+metric comes with a bootstrap 95 % interval over frame sets (stats.py).
+"""
 import math
 import time
 
 import numpy as np
 
+from .closed import score_frame_sets
 from .metrics import accuracy, language_metrics, mean_absolute_error
 from .parse import parse_action, parse_description, parse_light, parse_speed
+from .stats import corpus_interval, interval
 
 CATEGORIES = ("perception", "prediction", "planning", "behavior")
 
 
-def generate(model, samples, max_new_tokens=40, blank=False):
-    """[(sample, qa pair, answer)] for every QA pair; each frame set's questions in one batch."""
-    results, seconds = [], []
-    for sample in samples:
-        images = sample.images()
-        if blank:
-            images = {c: np.zeros_like(i) for c, i in images.items()}
-        questions = [q["question"] for q in sample.qa]
-        start = time.perf_counter()
-        answers = model.answer([images] * len(questions), questions, max_new_tokens)
-        seconds.append((time.perf_counter() - start) / len(questions))
-        results += [(sample, q, a) for q, a in zip(sample.qa, answers)]
-    return results, float(np.mean(seconds))
+GENERATED = ("action_accuracy", "light_accuracy", "vehicle_count_mae", "pedestrian_count_mae", "bleu4", "meteor",
+             "rouge_l", "cider", "action_exact_match", "description_bleu4")
+
+
+def images_of(sample, blank=False):
+    images = sample.images()
+    return {c: np.zeros_like(i) for c, i in images.items()} if blank else images
+
+
+def closed(model, samples, blank=False, batch=8):
+    """{metric: [value per frame set]} of the closed questions, by likelihood; plus the mean accuracy."""
+    items = {}
+    for start in range(0, len(samples), batch):
+        chosen = samples[start:start + batch]
+        for values in score_frame_sets(model, [images_of(s, blank) for s in chosen], [s.qa for s in chosen]):
+            values["closed_mean_acc"] = float(np.mean([v for k, v in values.items() if k.endswith("_acc")]))
+            for key, value in values.items():
+                items.setdefault(key, []).append(value)
+    return items
+
+
+def generate(model, samples, max_new_tokens=32, blank=False, batch=4):
+    """([(sample, qa pair, answer)] for every QA pair, seconds per answer); the questions of `batch` frame
+    sets are answered in one batch (greedy decoding is bound by reading the weights, so wider batches
+    cost little more per step)."""
+    results, seconds = [], 0.0
+    for start in range(0, len(samples), batch):
+        pairs = [(sample, q) for sample in samples[start:start + batch] for q in sample.qa]
+        images = {id(sample): images_of(sample, blank) for sample, _ in pairs}
+        began = time.perf_counter()
+        answers = model.answer([images[id(s)] for s, _ in pairs], [q["question"] for _, q in pairs], max_new_tokens)
+        seconds += time.perf_counter() - began
+        results += [(s, q, a) for (s, q), a in zip(pairs, answers)]
+    return results, seconds / max(1, len(results))
 
 
 def exact_match(results):
@@ -59,6 +87,23 @@ def score(results):
     return metrics
 
 
-def evaluate(model, samples, max_new_tokens=40, blank=False):
-    results, seconds_per_answer = generate(model, samples, max_new_tokens, blank)
-    return score(results) | {"seconds_per_answer": seconds_per_answer}
+def generated_intervals(results, keys=GENERATED):
+    """{metric: (value, low, high)} of generated answers, resampling whole frame sets."""
+    sets = list(dict.fromkeys(id(s) for s, _, _ in results))
+    by_set = [[r for r in results if id(r[0]) == key] for key in sets]
+    statistic = lambda chosen: np.array([score([r for i in chosen for r in by_set[i]])[k] for k in keys], dtype=np.float64)
+    value, low, high = corpus_interval(len(by_set), statistic)
+    return {k: (float(v), float(lo), float(hi)) for k, v, lo, hi in zip(keys, np.atleast_1d(value), np.atleast_1d(low),
+                                                                    np.atleast_1d(high))}
+
+
+def evaluate(model, samples, generated=20, max_new_tokens=32, blank=False):
+    """Closed metrics on every frame set, generated-answer metrics on the first `generated` of them.
+    Returns {"metrics": {name: (value, low, high)}, "items": {closed metric: [per frame set]},
+    "seconds_per_answer", "answers"}."""
+    items = closed(model, samples, blank)
+    results, seconds_per_answer = generate(model, samples[:generated], max_new_tokens, blank)
+    metrics = {name: interval(values) for name, values in items.items()}
+    metrics |= {f"gen_{name}": value for name, value in generated_intervals(results).items()}
+    return {"metrics": metrics, "items": items, "seconds_per_answer": seconds_per_answer, "answers": len(results),
+            "frame_sets": len(samples), "generated_frame_sets": len(samples[:generated])}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, T5ForConditionalGeneration
 
 from .checkpoint import load_weights, save_weights, unique_state_dict
 from .vision import MultiViewEncoder
@@ -98,14 +98,18 @@ class DrivingVLM(nn.Module):
     def _encode(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _prompt(self, image, question):
-        """Embeddings of one prompt; image tokens before the question, or after it as EM-VLM4AD does."""
+    def _prompt_parts(self, image, question):
+        """(the part every question about the same frame set shares, the question's own part) of a prompt's
+        embeddings; image tokens before the question, or after it as EM-VLM4AD does."""
         prompt = self.config["prompt"]
-        before = self._encode(prompt["before"])
-        question = self._encode(question + prompt["after"]) + ([self.tokenizer.eos_token_id] if self.is_t5 else [])
+        before = self._text_embeddings(self._encode(prompt["before"]))
+        question = self._text_embeddings(self._encode(question + prompt["after"]) + ([self.tokenizer.eos_token_id] if self.is_t5 else []))
         if self.config["image_position"] == "before":
-            return torch.cat([self._text_embeddings(before), image, self._text_embeddings(question)])
-        return torch.cat([self._text_embeddings(before + question), image])
+            return torch.cat([before, image]), question
+        return before, torch.cat([question, image])
+
+    def _prompt(self, image, question):
+        return torch.cat(self._prompt_parts(image, question))
 
     def _batch(self, frames, questions, answers=None):
         """LM inputs for a batch; with answers, also the answer targets (teacher forcing)."""
@@ -169,6 +173,73 @@ class DrivingVLM(nn.Module):
                                   eos_token_id=[t for t in stop if t is not None])
         return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in output]
 
+    @torch.inference_mode()
+    def continuation_logprobs(self, frame_sets, requests):
+        """Teacher-forced log-probability of each continuation, summed over its tokens.
+        requests: [(frame set index, question, answer prefix, continuation, complete)]; a complete
+        continuation ends the answer (its end token is scored too). Each frame set's images are encoded
+        once and each distinct (frame set, question, prefix) context runs once; for the decoder the
+        continuations run on copies of their context's KV cache, batched by length (no padding)."""
+        images = self.image_tokens(frame_sets)
+        contexts = list(dict.fromkeys((f, q, prefix) for f, q, prefix, _, _ in requests))
+        which = torch.tensor([contexts.index((f, q, prefix)) for f, q, prefix, _, _ in requests])
+        prefixes = [self._encode(prefix) if prefix else [] for _, _, prefix in contexts]
+        end = [self.tokenizer.eos_token_id] if self.is_t5 else self._encode(self.config["prompt"]["end"])
+        continuations = [self._encode(c) + (end if complete else []) for *_, c, complete in requests]
+        if any(not c for c in continuations):
+            raise ValueError("empty continuation")
+        if self.is_t5:
+            return self._t5_logprobs(images, contexts, prefixes, which, continuations)
+        # 1. each frame set's shared part (chat header + image tokens); 2. every context's own part after it,
+        # left-padded; 3. the continuations, one batch per length, each on a copy of its context's cache
+        parts = [self._prompt_parts(images[f], q) for f, q, _ in contexts]
+        shared = torch.stack([self._prompt_parts(image, "")[0] for image in images])
+        head = self.lm.base_model(inputs_embeds=shared, use_cache=True)
+        own = self._pad([torch.cat([part[1], self._text_embeddings(p)]) for part, p in zip(parts, prefixes)], left=True)
+        mask = torch.cat([torch.ones(len(contexts), shared.shape[1], dtype=torch.long), own["attention_mask"]], 1)
+        frame_of = torch.tensor([f for f, _, _ in contexts])
+        context = self.lm.base_model(inputs_embeds=own["inputs_embeds"], attention_mask=mask,
+                                     position_ids=mask.cumsum(1)[:, shared.shape[1]:] - 1, use_cache=True,
+                                     past_key_values=select_cache(head.past_key_values, frame_of))
+        lengths = mask.sum(1)
+        logprobs = torch.zeros(len(requests))
+        for length in sorted({len(c) for c in continuations}):
+            rows = torch.tensor([i for i, c in enumerate(continuations) if len(c) == length])
+            ids = torch.tensor([continuations[i] for i in rows.tolist()])
+            ctx = which[rows]
+            hidden = self.lm.base_model(inputs_embeds=self._text_embeddings(ids.tolist()),
+                                        past_key_values=select_cache(context.past_key_values, ctx),
+                                        attention_mask=torch.cat([mask[ctx], torch.ones_like(ids)], 1),
+                                        position_ids=lengths[ctx][:, None] + torch.arange(length)[None, :]).last_hidden_state
+            # the state before continuation token t: the context's last state for t = 0, else hidden[t - 1]
+            states = torch.cat([context.last_hidden_state[ctx, -1:], hidden[:, :-1]], 1)
+            logprobs[rows] = self._sum_logprobs(states, ids, [continuations[i] for i in rows.tolist()])
+        return logprobs
+
+    def _t5_logprobs(self, images, contexts, prefixes, which, continuations):
+        inputs = self._pad([self._prompt(images[f], q) for f, q, _ in contexts], left=False)
+        encoded = self.lm.get_encoder()(**inputs).last_hidden_state[which]
+        labels = [prefixes[c] + cont for c, cont in zip(which.tolist(), continuations)]
+        longest = max(map(len, labels))
+        padded = torch.tensor([label + [self.tokenizer.pad_token_id] * (longest - len(label)) for label in labels])
+        hidden = self.lm(encoder_outputs=(encoded,), attention_mask=inputs["attention_mask"][which],
+                         decoder_input_ids=self.lm._shift_right(padded), output_hidden_states=True,
+                         use_cache=False).decoder_hidden_states[-1]
+        if self.lm.config.tie_word_embeddings:
+            hidden = hidden * self.lm.model_dim ** -0.5  # T5 rescales before its tied LM head
+        starts = [len(prefixes[c]) for c in which.tolist()]
+        states = torch.stack([F.pad(hidden[i, s:], (0, 0, 0, s)) for i, s in enumerate(starts)])
+        ids = torch.stack([F.pad(padded[i, s:], (0, s)) for i, s in enumerate(starts)])
+        return self._sum_logprobs(states, ids, continuations)
+
+    def _sum_logprobs(self, states, ids, continuations):
+        """Sum over each row of log p(ids[t] | states[t]) for its first len(continuation) tokens."""
+        rows = [i for i, c in enumerate(continuations) for _ in c]
+        cols = [t for c in continuations for t in range(len(c))]
+        logits = self.lm.get_output_embeddings()(states[rows, cols]).float()
+        picked = logits.log_softmax(-1)[torch.arange(len(rows)), ids[rows, cols]]
+        return torch.zeros(len(continuations)).index_add_(0, torch.tensor(rows), picked)
+
     def timed_answer(self, frames, questions, max_new_tokens=48):
         start = time.perf_counter()
         answers = self.answer(frames, questions, max_new_tokens)
@@ -215,6 +286,11 @@ class DrivingVLM(nn.Module):
                                  f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
         model.lm.tie_weights()
         return model.eval()
+
+
+def select_cache(cache, rows):
+    """A new DynamicCache holding `rows` (indices, repeats allowed) of `cache`'s batch."""
+    return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
 
 
 def tied_parameter_names(model):
