@@ -66,4 +66,26 @@ if ! fresh package "$package" || [ ! -x "$venv/bin/owled" ]; then
     || { cat build/pip-editable.log; exit 1; }
   mark package "$package"
 fi
+# WordNet 3.0 for METEOR's synonym stage: Debian's wordnet-base holds the database files NLTK reads, but not
+# the `lexnames` table NLTK also needs; it is written from the package's own lexnames(5WN) page. Optional:
+# without apt (or offline) METEOR matches exact words and stems only, and the results say so.
+wordnet=$venv/share/wordnet
+if [ ! -f "$wordnet/lexnames" ] && command -v apt-get > /dev/null && command -v dpkg-deb > /dev/null; then
+  echo "[setup] WordNet 3.0 from Debian's wordnet-base (METEOR synonyms)"
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download -qq wordnet-base=1:3.0-37 > /dev/null 2>&1); then
+    dpkg-deb -x "$tmp"/wordnet-base_*.deb "$tmp/deb"
+    mkdir -p "$wordnet"
+    cp "$tmp"/deb/usr/share/wordnet/* "$wordnet"/
+    zcat "$tmp"/deb/usr/share/man/man5/lexnames.5WN.gz | "$py" -c '
+import re, sys
+category = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
+rows = re.findall(r"^(\d\d)\t(\w+)\.(\w+)", sys.stdin.read(), re.M)
+sys.stdout.writelines(f"{n}\t{pos}.{name}\t{category[pos]}\n" for n, pos, name in rows)' > "$wordnet/lexnames.tmp"
+    mv "$wordnet/lexnames.tmp" "$wordnet/lexnames"
+  else
+    echo "[setup] wordnet-base not available: METEOR without synonyms"
+  fi
+  rm -rf "$tmp"
+fi
 echo "[setup] ready: $venv ($(du -sh "$venv" | cut -f1))"

@@ -14,7 +14,7 @@ from models import tiny_decoder
 from owled_ros.eval.bench import CLOSED, COST, GENERATED, run_bench
 from owled_ros.data.calib import read_samples, write_synthetic
 from owled_ros.eval.evaluate import CATEGORIES, score
-from owled_ros.eval.metrics import accuracy, language_metrics, mean_absolute_error, tokenize
+from owled_ros.eval.metrics import METEOR_SYNONYMS, accuracy, language_metrics, mean_absolute_error, tokenize
 from owled_ros.eval.parse import parse_action, parse_description, parse_speed
 from owled_ros.eval.perplexity import perplexity
 
@@ -162,3 +162,15 @@ def test_text_check_prunes_each_run_from_the_same_dense_weights(tmp_path):
     assert rows["wanda-uniform-0.5"]["perplexity"] != rows["dense"]["perplexity"]
     text = text_check.markdown(summary, sparsities=(0.5,))
     assert "| sparsegpt | owl | " in text and "2:4 everywhere" in text
+
+
+@pytest.mark.skipif(not METEOR_SYNONYMS, reason="WordNet not installed (setup needs apt-get download wordnet-base)")
+def test_meteor_matches_wordnet_synonyms():
+    from nltk.translate.meteor_score import meteor_score
+
+    from owled_ros.eval.metrics import _NoWordNet
+
+    hypothesis, reference = "the automobile halts at the light", "the car stops at the light"
+    with_synonyms = language_metrics([hypothesis], [reference])["meteor"]
+    exact_and_stem = meteor_score([tokenize(reference)], tokenize(hypothesis), wordnet=_NoWordNet())
+    assert with_synonyms > exact_and_stem + 0.1

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..data.calib import read_samples, write_synthetic
 from ..model.vlm import DrivingVLM
 from .evaluate import evaluate
+from .metrics import METEOR_SYNONYMS
 from .perplexity import perplexity
 from .stats import paired_difference
 
@@ -105,6 +106,7 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), paper_range=(), nm="2:
             f"action {row['metrics']['action_acc'][0]:.3f}, BLEU-4 {row['metrics']['gen_bleu4'][0]:.3f}")
     summary = {"model": str(model_dir), "nsamples": nsamples, "eval_frame_sets": eval_frames,
                "generated_frame_sets": dense["generated_frame_sets"], "seconds": round(time.time() - started),
+               "meteor_synonyms": METEOR_SYNONYMS,
                "comparisons": comparisons(results), "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(markdown(summary))
@@ -153,7 +155,9 @@ def markdown(summary):
              "Closed questions, scored by likelihood (accuracy; MAE in objects).", ""]
     lines += table(["run", "target", "achieved"] + [t for _, t in CLOSED],
                    [[r["name"], r["target"], r["achieved"]] + [r["metrics"][k] for k, _ in CLOSED] for r in results])
-    lines += ["", "Generated answers (greedy): driving values parsed from the text, and language metrics.", ""]
+    meteor = "exact, stem and WordNet-synonym" if summary["meteor_synonyms"] else "exact and stem (no WordNet here)"
+    lines += ["", f"Generated answers (greedy): driving values parsed from the text, and language metrics (METEOR: "
+                  f"{meteor} matching).", ""]
     lines += table(["run"] + [t for _, t in GENERATED], [[r["name"]] + [r["metrics"][k] for k, _ in GENERATED] for r in results])
     lines += ["", "Perplexity, size, speed and pruning cost (each prune its own process).", ""]
     lines += table(["run"] + [t for _, t in COST], [[r["name"]] + [r.get(k, "") for k, _ in COST] for r in results])

@@ -3,13 +3,21 @@
 Tokenisation for the language metrics: lower case, every character that is not a letter, digit or space
 becomes a space, then whitespace split (the COCO PTB tokenizer needs Java; this is close to it for our
 answers). BLEU-4, ROUGE-L and CIDEr are pycocoevalcap's scorers called one by one (COCO scale 0-1; CIDEr 0-10,
-with IDF from the evaluated corpus). METEOR is NLTK's with exact and Porter-stem matching only: the WordNet
-synonym stage needs a corpus download, so it is off (documented difference from the Java METEOR 1.5).
+with IDF from the evaluated corpus). METEOR is NLTK's: exact, Porter-stem and WordNet-synonym matching when
+scripts/setup.sh could install WordNet 3.0 from Debian's wordnet-base into <venv>/share/wordnet, else exact and
+stem only (`METEOR_SYNONYMS` says which; the Java METEOR 1.5 also has paraphrase tables).
 """
 import contextlib
+import functools
 import io
 import math
 import re
+import sys
+import warnings
+from pathlib import Path
+
+import nltk
+from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
 from nltk.translate.meteor_score import meteor_score
 from pycocoevalcap.bleu.bleu import Bleu
@@ -17,9 +25,33 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 
+WORDNET_DIR = Path(sys.prefix) / "share" / "wordnet"
+
+
 class _NoWordNet:
     def synsets(self, *_, **__):
         return []
+
+
+class _WordNet30(WordNetCorpusReader):
+    """The WordNet 3.0 database files read directly. NLTK would map them onto its own downloadable 'wordnet'
+    corpus (used only for multilingual data); they are WordNet 3.0 already."""
+
+    def map_wn(self, version="wordnet"):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def wordnet():
+    if not METEOR_SYNONYMS:
+        return _NoWordNet()
+    nltk.data.path.append(str(WORDNET_DIR.parent))  # NLTK reads corpora only below its data paths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "multilingual functions are not available": not used
+        return _WordNet30(str(WORDNET_DIR), None)
+
+
+METEOR_SYNONYMS = (WORDNET_DIR / "lexnames").is_file()
 
 
 def tokenize(text):
@@ -36,7 +68,7 @@ def language_metrics(hypotheses, references):
         bleu, _ = Bleu(4).compute_score(ref, hyp)
     rouge, _ = Rouge().compute_score(ref, hyp)
     cider, _ = Cider().compute_score(ref, hyp)
-    meteor = sum(meteor_score([tokenize(r)], tokenize(h), wordnet=_NoWordNet()) for h, r in zip(hypotheses, references))
+    meteor = sum(meteor_score([tokenize(r)], tokenize(h), wordnet=wordnet()) for h, r in zip(hypotheses, references))
     return {"bleu4": float(bleu[3]), "meteor": meteor / len(hypotheses), "rouge_l": float(rouge), "cider": float(cider)}
 
 
