@@ -129,26 +129,6 @@ def test_recorder_keeps_completed_shards_across_signals(tmp_path, sig, kept):
     assert len(leftovers) == (1 if sig == signal.SIGKILL else 0)
 
 
-@pytest.fixture
-def s3_server(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": url}.items():
-        monkeypatch.setenv(key, value)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="fleet")
-    yield url
-    server.stop()
-
-
 def test_two_vehicles_share_a_prefix_without_overwriting(tmp_path, s3_server):
     from owled_ros.data.store import StoreError, pull, push
 

@@ -1,11 +1,12 @@
 """rosbag2 (sqlite3 and MCAP) camera data with the pure-Python `rosbags`: write, read, import as calibration."""
+import re
 from pathlib import Path
 
 import numpy as np
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from .calib import ShardWriter
+from .calib import ShardWriter, check_name
 from .frames import FrameSync
 from .images import ImageError, rgb_to_fields, to_rgb
 from .world import CAMERAS, QUESTIONS, render, sample_scene
@@ -60,8 +61,10 @@ def camera_messages(bag, topics):
 
 def import_bag(bag, out, topics=None, slop_s=0.1, vehicle="bag", shard_size=64):
     """Camera topics of a rosbag2 -> a calibration set (complete frame sets only). Returns (written, bad frames)."""
+    check_name(vehicle, "vehicle id")
     topics = topics or carla_topics()
     by_topic = {topic: camera for camera, topic in topics.items()}
+    bag_name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(bag).name).lstrip(".") or "bag"
     sync = FrameSync(list(topics), slop_s)
     written, bad, writer, shard = 0, 0, None, 0
     for topic, _, msgtype, message in camera_messages(bag, list(by_topic)):
@@ -75,7 +78,7 @@ def import_bag(bag, out, topics=None, slop_s=0.1, vehicle="bag", shard_size=64):
         if frame_set is None:
             continue
         if writer is None:
-            writer = ShardWriter(out, f"{vehicle}-{Path(bag).name}-{shard:04d}")
+            writer = ShardWriter(out, f"{vehicle}-{bag_name}-{shard:04d}")
         writer.add(f"{vehicle}-{frame_set.stamp_ns}", frame_set.images, stamp_ns=frame_set.stamp_ns,
                    source=f"bag:{Path(bag).name}", vehicle=vehicle, qa=driving_questions())
         written += 1

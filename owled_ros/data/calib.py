@@ -12,6 +12,7 @@ into one set (or one object-store prefix) without overwriting each other.
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,25 @@ import numpy as np
 
 MANIFEST = "manifest.jsonl"
 TMP_PREFIX = ".tmp-"
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def check_name(value, what):
+    """A vehicle id, shard or frame-set name that can only name a file inside its directory."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or len(value) > 200:
+        raise ValueError(f"{what} {value!r} is not a safe name (letters, digits, '.', '_', '-'; not starting with '.')")
+    return value
+
+
+def inside(root, relative, what):
+    """root / relative, refused unless it resolves (symlinks followed) inside root."""
+    root = Path(root).resolve()
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+        raise ValueError(f"{what} {relative!r} is not a relative path inside {root}")
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{what} {relative!r} leaves {root}")
+    return path
 
 
 @dataclass
@@ -35,16 +55,26 @@ class Sample:
     shard: Path = None
 
     def images(self):
-        """Camera name -> RGB uint8 array."""
-        return {camera: read_image(self.shard / path) for camera, path in self.cameras.items()}
+        """Camera name -> RGB uint8 array. Every frame must lie inside its shard and match its SHA-256."""
+        return {camera: self.image(camera) for camera in self.cameras}
+
+    def image(self, camera):
+        where = f"frame set {self.id!r} in {self.shard}"
+        path = inside(self.shard, self.cameras[camera], f"{where}: frame")
+        expected = self.sha256.get(camera)
+        if expected is None:
+            raise ValueError(f"{where}: camera {camera} has no sha256 in the manifest")
+        data = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"{where}: frame {self.cameras[camera]} does not match its sha256 (changed or missing)")
+        return decode_image(data, path)
 
     def to_json(self):
         return json.dumps({k: v for k, v in asdict(self).items() if k != "shard"})
 
 
-def read_image(path):
-    data = np.fromfile(path, np.uint8) if Path(path).is_file() else None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
+def decode_image(data, path):
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
         raise ValueError(f"unreadable image: {path}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -76,7 +106,7 @@ class ShardWriter:
 
     def __init__(self, root, name):
         self.root = Path(root)
-        self.name = name
+        self.name = check_name(name, "shard name")
         self.tmp = self.root / f"{TMP_PREFIX}{name}"
         if (self.root / name).exists():
             raise FileExistsError(f"shard already exists: {self.root / name}")
@@ -92,7 +122,9 @@ class ShardWriter:
     def add(self, sample_id, images, **fields):
         """Write one frame set (camera -> RGB array) and its manifest line; returns the Sample."""
         cameras, hashes = {}, {}
+        check_name(sample_id, "frame set id")
         for camera, rgb in images.items():
+            check_name(camera, "camera name")
             data = encode_jpeg(rgb)
             relative = f"frames/{sample_id}_{camera}.jpg"
             _fsync_write(self.tmp / relative, data)

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 
 from .bags import driving_questions
-from .calib import ShardWriter
+from .calib import ShardWriter, check_name
 
 
 class KeepPolicy:
@@ -37,7 +37,7 @@ class ShardRecorder:
     """Writes kept frame sets into shards of shard_size; stops at max_frames or when quota_bytes is reached."""
 
     def __init__(self, out, vehicle, shard_size=32, max_frames=1000, quota_bytes=1 << 30, source="live"):
-        self.out, self.vehicle, self.shard_size = out, vehicle, shard_size
+        self.out, self.vehicle, self.shard_size = out, check_name(vehicle, "vehicle id"), shard_size
         self.max_frames, self.quota_bytes, self.source = max_frames, quota_bytes, source
         self.session = time.strftime("%Y%m%dT%H%M%S")
         self.writer, self.shards, self.frames, self.bytes = None, 0, 0, 0

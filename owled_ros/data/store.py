@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .calib import MANIFEST, shards
+from .calib import MANIFEST, check_name, inside, shards
 
 
 class StoreError(ValueError):
@@ -74,22 +74,51 @@ def pull(url, cache, endpoint_url=None):
         manifests = [k for k in keys if k.endswith("/" + MANIFEST)]
         if not manifests:
             raise StoreError(f"no calibration shards under {url}")
-        for manifest_key in manifests:
-            shard_prefix = manifest_key[: -len(MANIFEST)]
-            target = local / Path(shard_prefix).name
+        plan = [shard_files(local, manifest_key, keys) for manifest_key in manifests]  # every key checked first
+        for target, files in plan:
             if (target / MANIFEST).is_file():
                 continue
             tmp = local / f".tmp-{target.name}"
-            for key in (k for k in keys if k.startswith(shard_prefix)):
-                path = tmp / key[len(shard_prefix):]
+            for key, relative in files:
+                path = tmp / relative
                 path.parent.mkdir(parents=True, exist_ok=True)
                 s3.download_file(bucket, key, str(path))
-            for line in (tmp / MANIFEST).read_text().splitlines():
-                sample = json.loads(line)
-                for camera, relative in sample["cameras"].items():
-                    if _digest(tmp / relative) != sample["sha256"][camera]:
-                        raise StoreError(f"{url}: {shard_prefix}{relative} does not match its manifest hash")
+            check_hashes(url, target.name, tmp)
             tmp.rename(target)
     except (BotoCoreError, ClientError) as error:
         raise StoreError(f"object store {url}: {error}") from None
     return local
+
+
+def shard_files(local, manifest_key, keys):
+    """(local shard directory, [(key, path relative to the shard)]) of one remote shard; a StoreError names
+    any key that would be written outside it (a '..', an empty or absolute part, an unsafe shard name)."""
+    shard_prefix = manifest_key[: -len(MANIFEST)]
+    name = shard_prefix.rstrip("/").rpartition("/")[2]
+    try:
+        check_name(name, "shard name")
+        files = []
+        for key in (k for k in keys if k.startswith(shard_prefix)):
+            relative = key[len(shard_prefix):]
+            parts = relative.split("/")
+            if any(part in ("", ".", "..") for part in parts):
+                raise ValueError(f"object key {key!r} is not a plain path inside shard {name}")
+            inside(Path(local) / name, relative, "object key")
+            files.append((key, relative))
+    except ValueError as error:
+        raise StoreError(f"refusing shard {shard_prefix!r}: {error}") from None
+    return Path(local) / name, files
+
+
+def check_hashes(url, name, shard):
+    """Every frame of a downloaded shard lies inside it and matches the manifest's SHA-256."""
+    for number, line in enumerate((shard / MANIFEST).read_text().splitlines(), 1):
+        try:
+            sample = json.loads(line)
+            frames = [(inside(shard, relative, "frame"), relative, sample["sha256"][camera])
+                      for camera, relative in sample["cameras"].items()]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as error:
+            raise StoreError(f"{url}: {name}/{MANIFEST} line {number}: bad or missing cameras/sha256 ({error})") from None
+        for path, relative, expected in frames:
+            if not path.is_file() or _digest(path) != expected:
+                raise StoreError(f"{url}: {name}/{relative} does not match its manifest hash")

@@ -31,7 +31,8 @@ def driving_samples(root, nsamples, seed=0):
             triples.append((sample.images(), pair["question"], pair.get("answer", "")))
         except ValueError as error:
             raise CalibrationError(str(error)) from None
-    digest = hashlib.sha256("".join(s.to_json() for s in frame_sets).encode()).hexdigest()
+    # the samples used, with their frames' hashes, each checked against the frame's bytes when it was read
+    digest = hashlib.sha256("".join(s.to_json() for s in chosen).encode()).hexdigest()
     return triples, {"kind": "driving", "source": str(root), "sha256": digest, "frame_sets": len(frame_sets)}
 
 
