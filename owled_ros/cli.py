@@ -2,6 +2,7 @@
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -27,7 +28,10 @@ def cmd_answer(args):
 
     model = DrivingVLM.from_pretrained(resolve_model(args.model))
     if args.frames:
-        sample = read_samples(args.frames)[args.index]
+        samples = read_samples(args.frames)
+        if args.index >= len(samples):
+            raise ValueError(f"--index {args.index} is out of range: {args.frames} has {len(samples)} frame sets")
+        sample = samples[args.index]
         frames, pairs = sample.images(), sample.qa
     else:
         scene = sample_scene(args.seed)
@@ -63,6 +67,8 @@ def cmd_calib_synth(args):
 def cmd_calib_from_bag(args):
     from .data.bags import carla_topics, import_bag
 
+    if args.topics and len(args.topics) != len(args.cameras):
+        raise ValueError(f"{len(args.topics)} --topics for {len(args.cameras)} --cameras: give one camera name per topic")
     topics = dict(zip(args.cameras, args.topics)) if args.topics else carla_topics(args.role)
     written, bad = import_bag(args.bag, args.out, topics, args.slop, args.vehicle)
     print(f"imported {written} frame sets from {args.bag} into {args.out} ({bad} bad frames skipped)")
@@ -126,23 +132,50 @@ def cmd_bench(args):
               generated_frames=args.generated_frames)
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, exit code 2 (subcommand parsers are built from this class too)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number(kind, low=None, high=None, open_low=False, open_high=False):
+    """An argparse type: a finite `kind` between low and high (each included unless open)."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} {kind.__name__}") from None
+        above = low is None or (value > low if open_low else value >= low)
+        below = high is None or (value < high if open_high else value <= high)
+        if not (math.isfinite(value) and above and below):
+            interval = (f"{'(' if open_low or low is None else '['}{'-∞' if low is None else low}, "
+                        f"{'∞' if high is None else high}{')' if open_high or high is None else ']'}")
+            raise argparse.ArgumentTypeError(f"{text} is not in {interval}")
+        return value
+    return convert
+
+
+POSITIVE, COUNT, SECONDS = number(int, 1), number(int, 0), number(float, 0.0)
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="owled", description=__doc__)
+    p = Parser(prog="owled", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("build-default", help="build the embedded default model (SmolLM2 + aligned image side)")
     s.add_argument("--out", help="model directory (default: the cache)")
-    s.add_argument("--minutes", type=float, default=BUILD_MINUTES, help="training budget")
+    s.add_argument("--minutes", type=number(float, 0.0, open_low=True), default=BUILD_MINUTES, help="training budget")
     s.set_defaults(func=cmd_build_default)
 
     s = sub.add_parser("answer", help="answer driving questions about a frame set")
     s.add_argument("--model", default="default")
     s.add_argument("--frames", help="calibration/QA set to take the frame set from (default: a synthetic scene)")
-    s.add_argument("--index", type=int, default=0)
+    s.add_argument("--index", type=COUNT, default=0)
     s.add_argument("--seed", type=int, default=424242, help="synthetic scene seed")
     s.add_argument("--question")
-    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--max-new-tokens", type=POSITIVE, default=48)
     s.set_defaults(func=cmd_answer)
 
     s = sub.add_parser("prune", help="prune a model (magnitude, Wanda, SparseGPT; uniform or OWL; unstructured or N:M)")
@@ -159,7 +192,7 @@ def parser():
                                 "keeps the most outlier-heavy layers dense (owl allocation)")
     s.add_argument("--M", type=float, default=5.0, help="outlier threshold: scores above M x mean")
     s.add_argument("--lam", type=float, default=0.08, help="OWL lambda: allocation spread is 2 lambda")
-    s.add_argument("--nsamples", type=int, default=128)
+    s.add_argument("--nsamples", type=POSITIVE, default=128)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_prune)
@@ -167,7 +200,7 @@ def parser():
     calib = sub.add_parser("calib", help="calibration data").add_subparsers(dest="calib_command", required=True)
     s = calib.add_parser("synth", help="write a synthetic driving set in the calibration format")
     s.add_argument("out")
-    s.add_argument("--count", type=int, default=128)
+    s.add_argument("--count", type=POSITIVE, default=128)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--vehicle", default="sim")
     s.set_defaults(func=cmd_calib_synth)
@@ -178,7 +211,7 @@ def parser():
     s.add_argument("--cameras", nargs="+", default=["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK",
                                                      "CAM_BACK_LEFT", "CAM_BACK_RIGHT"], help="view name per topic")
     s.add_argument("--role", default="ego_vehicle", help="CARLA role name in the default topics")
-    s.add_argument("--slop", type=float, default=0.1, help="seconds between views of one frame set")
+    s.add_argument("--slop", type=SECONDS, default=0.1, help="seconds between views of one frame set")
     s.add_argument("--vehicle", default="bag")
     s.set_defaults(func=cmd_calib_from_bag)
     for name, func, help_text in (("push", cmd_calib_push, "upload completed shards to s3://bucket/prefix"),
@@ -191,36 +224,36 @@ def parser():
 
     s = sub.add_parser("replay", help="publish a rosbag2's camera topics live with the original timing")
     s.add_argument("bag")
-    s.add_argument("--rate", type=float, default=1.0)
+    s.add_argument("--rate", type=number(float, 0.0, open_low=True), default=1.0)
     s.add_argument("--loop", action="store_true")
     s.add_argument("--topics", nargs="+")
-    s.add_argument("--wait-subscribers", type=int, default=0, help="wait (up to 30 s) for this many subscribers per topic")
+    s.add_argument("--wait-subscribers", type=COUNT, default=0, help="wait (up to 30 s) for this many subscribers per topic")
     s.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("eval", help="driving + language metrics on a QA set, or perplexity on a text")
     s.add_argument("--model", default="default")
     s.add_argument("--frames", help="QA set with ground truth (default: held-out synthetic frame sets)")
-    s.add_argument("--count", type=int, default=200, help="synthetic frame sets when --frames is not given")
-    s.add_argument("--generated", type=int, default=20, help="frame sets whose answers are generated (language metrics)")
+    s.add_argument("--count", type=POSITIVE, default=200, help="synthetic frame sets when --frames is not given")
+    s.add_argument("--generated", type=COUNT, default=20, help="frame sets whose answers are generated (language metrics)")
     s.add_argument("--workdir", default="runs")
     s.add_argument("--blank", action="store_true", help="also score with every image blanked (do images matter?)")
     s.add_argument("--text", help="perplexity of the language model on this text file instead")
-    s.add_argument("--context", type=int, default=256)
-    s.add_argument("--stride", type=int, default=128)
-    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--context", type=number(int, 2), default=256)
+    s.add_argument("--stride", type=POSITIVE, default=128)
+    s.add_argument("--max-new-tokens", type=POSITIVE, default=40)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("bench", help="methods x sparsities sweep -> results.md, results.json, plots")
     s.add_argument("--model", default="default")
     s.add_argument("--out", default="bench/results")
-    s.add_argument("--nsamples", type=int, default=32)
-    s.add_argument("--eval-frames", type=int, default=200, help="held-out frame sets for the closed questions")
-    s.add_argument("--generated-frames", type=int, default=20, help="of which answers are generated (language metrics)")
+    s.add_argument("--nsamples", type=POSITIVE, default=32)
+    s.add_argument("--eval-frames", type=POSITIVE, default=200, help="held-out frame sets for the closed questions")
+    s.add_argument("--generated-frames", type=COUNT, default=20, help="of which answers are generated (language metrics)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the whole loop on the default model: drive bag -> recorder -> OWLed -> drive node")
     s.add_argument("--workdir", default="runs/demo")
-    s.add_argument("--frames", type=int, default=16)
+    s.add_argument("--frames", type=POSITIVE, default=16)
     s.add_argument("--sparsity", default="0.5")
     s.set_defaults(func=cmd_demo)
     return p

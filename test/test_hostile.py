@@ -97,3 +97,56 @@ def test_vehicle_ids_cannot_name_another_directory(tmp_path, vehicle):
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
     with pytest.raises(ValueError, match="not a safe name"):
         ShardRecorder(out, vehicle)
+
+
+def owled(*args):
+    return subprocess.run([sys.executable, "-m", "owled_ros.cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prune", "--out", "OUT", "--nsamples", "0"], "--nsamples: 0 is not in [1, ∞)"),
+    (["prune", "--out", "OUT", "--lam", "0.7"], "lambda 0.7 is outside (0, 0.5)"),
+    (["prune", "--out", "OUT", "--M", "nan"], "M nan must be a finite number above 0"),
+    (["prune", "--out", "OUT", "--M", "-1"], "M -1.0 must be a finite number above 0"),
+    (["eval", "--stride", "-1"], "--stride: -1 is not in [1, ∞)"),
+    (["eval", "--context", "0"], "--context: 0 is not in [2, ∞)"),
+    (["calib", "synth", "OUT", "--count", "-5"], "--count: -5 is not in [1, ∞)"),
+    (["calib", "from-bag", "BAG", "OUT", "--slop", "-1"], "--slop: -1 is not in [0.0, ∞)"),
+    (["calib", "from-bag", "BAG", "OUT", "--topics", "/a", "/b", "--cameras", "CAM_FRONT"], "2 --topics for 1 --cameras"),
+    (["calib", "push", "MISSING", "s3://fleet/x"], "calibration set not found"),
+    (["replay", "BAG", "--rate", "nan"], "--rate: nan is not in (0.0, ∞)"),
+    (["answer", "--frames", "SET", "--index", "99"], "--index 99 is out of range"),
+])
+def test_bad_command_line_values_give_one_line_and_exit_2(tmp_path, args, message):
+    small_set(tmp_path / "set")
+    paths = {"OUT": tmp_path / "out", "BAG": tmp_path / "bag", "MISSING": tmp_path / "missing", "SET": tmp_path / "set"}
+    result = owled(*[paths.get(a, a) for a in args])
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda line: line.update(cameras=["CAM_FRONT"]), "cameras must be a JSON object, not list"),
+    (lambda line: line.update(cameras="x.jpg"), "cameras must be a JSON object, not str"),
+    (lambda line: line.update(cameras=7), "cameras must be a JSON object, not int"),
+    (lambda line: line.update(qa="What now?"), "qa must be a JSON list, not str"),
+    (lambda line: line.update(qa=[{"answer": "Stop."}]), "every qa item must be an object with a question"),
+    (lambda line: line.update(stamp_ns="soon"), "stamp_ns must be a JSON int, not str"),
+])
+def test_manifests_with_wrong_types_name_the_line_and_field(tmp_path, change, message):
+    shard = small_set(tmp_path / "set")
+    rewrite_manifest(shard, change)
+    with pytest.raises(ValueError, match=rf"{MANIFEST}:1: {message}"):
+        read_samples(tmp_path / "set")
+
+
+def test_a_manifest_that_is_a_directory_and_an_empty_bag_are_named(tmp_path):
+    from owled_ros.data.bags import import_bag, write_synthetic_drive
+
+    (tmp_path / "set" / "shard" / MANIFEST).mkdir(parents=True)
+    with pytest.raises(ValueError, match="manifest.jsonl is not a file"):
+        read_samples(tmp_path / "set")
+    bag = write_synthetic_drive(tmp_path / "bag", frames=0, size=(32, 48))  # topics, no messages
+    with pytest.raises(ValueError, match="no complete frame set"):
+        import_bag(bag, tmp_path / "calib")
+    assert not (tmp_path / "calib").exists()

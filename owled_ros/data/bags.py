@@ -87,6 +87,8 @@ def import_bag(bag, out, topics=None, slop_s=0.1, vehicle="bag", shard_size=64):
             writer, shard = None, shard + 1
     if writer is not None:
         writer.close()
+    if not written:
+        raise ValueError(f"bag {bag} holds no complete frame set of {sorted(topics.values())} ({bad} bad frames)")
     return written, bad
 
 

@@ -172,9 +172,32 @@ class ShardWriter:
 def shards(root):
     """Completed shard directories of a set, in name order (a set may also be a single shard)."""
     root = Path(root)
-    if (root / MANIFEST).is_file():
-        return [root]
-    return sorted(p.parent for p in root.glob(f"*/{MANIFEST}") if not p.parent.name.startswith(TMP_PREFIX))
+    manifests = [root / MANIFEST] if (root / MANIFEST).exists() else sorted(root.glob(f"*/{MANIFEST}"))
+    manifests = [m for m in manifests if not m.parent.name.startswith(TMP_PREFIX)]
+    for manifest in manifests:
+        if not manifest.is_file():
+            raise ValueError(f"{manifest} is not a file")
+    return [m.parent for m in manifests]
+
+
+FIELD_TYPES = {"id": str, "cameras": dict, "stamp_ns": int, "source": str, "vehicle": str, "qa": list, "truth": dict,
+               "sha256": dict}
+
+
+def parse_sample(line, shard):
+    """One manifest line -> Sample; TypeError naming the field that has the wrong type."""
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise TypeError("a manifest line must be a JSON object")
+    for key, kind in FIELD_TYPES.items():
+        if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+            raise TypeError(f"{key} must be a JSON {'object' if kind is dict else kind.__name__}, "
+                            f"not {type(data[key]).__name__}")
+    if not all(isinstance(camera, str) and isinstance(path, str) for camera, path in data.get("cameras", {}).items()):
+        raise TypeError("cameras must map camera names to frame paths")
+    if not all(isinstance(item, dict) and isinstance(item.get("question"), str) for item in data.get("qa", [])):
+        raise TypeError("every qa item must be an object with a question")
+    return Sample(**data, shard=shard)
 
 
 def read_samples(root):
@@ -188,7 +211,7 @@ def read_samples(root):
             if not line.strip():
                 continue
             try:
-                samples.append(Sample(**json.loads(line), shard=shard))
+                samples.append(parse_sample(line, shard))
             except (json.JSONDecodeError, TypeError) as error:
                 raise ValueError(f"bad manifest line {shard / MANIFEST}:{number}: {error}") from None
     if not samples:

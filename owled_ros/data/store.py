@@ -41,6 +41,8 @@ def _digest(path):
 def push(local_set, url, endpoint_url=None):
     """Upload the completed shards of a local set; returns the names of shards uploaded."""
     bucket, prefix = split_url(url)
+    if not Path(local_set).is_dir():
+        raise StoreError(f"calibration set not found: {local_set}")
     s3 = client(endpoint_url)
     uploaded = []
     try:

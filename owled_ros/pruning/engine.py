@@ -6,6 +6,7 @@ blocks are processed in order: accumulate input-feature norms, score, prune, rec
 outputs with the pruned weights and feed them to the next block. Memory stays at one block's activations.
 """
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,10 @@ class PruneSpec:
                                      (self.outlier_ratio, OUTLIER_RATIOS, "outlier ratio")):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+        if not 0 < self.lam < 0.5:
+            raise ValueError(f"OWL lambda {self.lam} is outside (0, 0.5)")
+        if not (math.isfinite(self.m_factor) and self.m_factor > 0):
+            raise ValueError(f"outlier threshold M {self.m_factor} must be a finite number above 0")
         if self.nm:
             n, m = self.nm
             for group, target in self.targets.items():
