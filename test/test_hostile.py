@@ -1,10 +1,12 @@
 """Hostile inputs: no file read or written outside its directory, frames checked against their hashes,
 ids that cannot name a path elsewhere, one-line errors for bad command-line values."""
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from models import tiny_decoder
 from owled_ros.data.calib import MANIFEST, read_samples, write_synthetic
@@ -150,3 +152,71 @@ def test_a_manifest_that_is_a_directory_and_an_empty_bag_are_named(tmp_path):
     with pytest.raises(ValueError, match="no complete frame set"):
         import_bag(bag, tmp_path / "calib")
     assert not (tmp_path / "calib").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hostile") / "tiny"
+    tiny_decoder().save_pretrained(directory)
+    return directory
+
+
+def broken_copy(tiny_dir, tmp_path, config=None, weights=None):
+    import shutil
+
+    from owled_ros.model.checkpoint import load_weights, save_weights
+
+    target = tmp_path / "model"
+    shutil.copytree(tiny_dir, target)
+    if config:
+        data = json.loads((target / "config.json").read_text())
+        (target / "config.json").write_text(json.dumps(config(data)))
+    if weights:
+        state = load_weights(target / "model.safetensors")
+        weights(state)
+        save_weights(target / "model.safetensors", state)
+    return target
+
+
+def edit(path, value):
+    """A config change: set the dotted key to value (None deletes it)."""
+    def change(config):
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        if value is None:
+            node.pop(last)
+        else:
+            node[last] = value
+        return config
+    return change
+
+
+@pytest.mark.parametrize("config,message", [
+    (edit("lm.hidden_size", 10**7), "does not match config.json"),
+    (edit("lm.num_hidden_layers", 10**5), "lm.model.layers has 100000 layers in config.json, 3 in the weights"),
+    (lambda c: [c], "must be a JSON object"),
+    (edit("lm", None), "'lm' is missing"),
+    (edit("vision", None), "'vision' is missing"),
+    (edit("lm.model_type", None), "lm.model_type is missing"),
+    (edit("vision.patch", 0), "vision.patch 0 is not a positive integer"),
+    (edit("family", "t5"), "lm.encoder.block has None layers"),
+])
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_building(tiny_dir, tmp_path, config, message):
+    from owled_ros.model.vlm import DrivingVLM, ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        DrivingVLM.from_pretrained(broken_copy(tiny_dir, tmp_path, config=config))
+
+
+@pytest.mark.parametrize("weights,message", [
+    (lambda s: s.update({"lm.model.norm.weight": torch.ones(65)}), "lm.model.norm.weight (65,) (config: (64,))"),
+    (lambda s: s["lm.model.layers.0.mlp.up_proj.weight"].fill_(float("nan")), "up_proj.weight holds NaN"),
+    (lambda s: s.update({"lm.model.norm.weight": torch.ones(64, dtype=torch.int64)}), "norm.weight holds torch.int64"),
+])
+def test_weights_of_the_wrong_shape_type_or_value_are_refused(tiny_dir, tmp_path, weights, message):
+    from owled_ros.model.vlm import DrivingVLM, ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        DrivingVLM.from_pretrained(broken_copy(tiny_dir, tmp_path, weights=weights))
