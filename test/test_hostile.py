@@ -1,5 +1,6 @@
 """Hostile inputs: no file read or written outside its directory, frames checked against their hashes,
 ids that cannot name a path elsewhere, one-line errors for bad command-line values."""
+import hashlib
 import json
 import re
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from models import tiny_decoder
-from owled_ros.data.calib import MANIFEST, read_samples, write_synthetic
+from owled_ros.data.calib import MANIFEST, decode_image, encode_jpeg, read_samples, write_synthetic
 from owled_ros.data.recorder import ShardRecorder
 from owled_ros.pruning.run import prune
 
@@ -220,3 +221,40 @@ def test_weights_of_the_wrong_shape_type_or_value_are_refused(tiny_dir, tmp_path
 
     with pytest.raises(ModelLoadError, match=re.escape(message)):
         DrivingVLM.from_pretrained(broken_copy(tiny_dir, tmp_path, weights=weights))
+
+
+def test_two_writers_racing_for_one_shard_name_one_wins_and_nothing_mixes(tmp_path, s3_server):
+    import threading
+
+    from owled_ros.data.store import StoreError, pull, push
+
+    write_synthetic(tmp_path / "a", 6, seed=7, vehicle="car1", height=32, width=48)
+    write_synthetic(tmp_path / "b", 6, seed=7, vehicle="car1", height=32, width=48)  # the same shard name...
+    shard = next((tmp_path / "b").iterdir())
+
+    def invert(line):  # ...and other frames under the same names
+        for camera, relative in line["cameras"].items():
+            data = encode_jpeg(255 - decode_image((shard / relative).read_bytes(), relative))
+            (shard / relative).write_bytes(data)
+            line["sha256"][camera] = hashlib.sha256(data).hexdigest()
+    lines = [json.loads(line) for line in (shard / MANIFEST).read_text().splitlines()]
+    for line in lines:
+        invert(line)
+    (shard / MANIFEST).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    results = {}
+
+    def writer(name):
+        try:
+            results[name] = push(tmp_path / name, "s3://fleet/race")
+        except StoreError as error:
+            results[name] = error
+    threads = [threading.Thread(target=writer, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [name for name, result in results.items() if isinstance(result, list) and result]
+    losers = [name for name, result in results.items() if isinstance(result, StoreError)]
+    assert len(winners) == 1 and len(losers) == 1 and "claimed by another writer" in str(results[losers[0]])
+    pulled = read_samples(pull("s3://fleet/race", tmp_path / "pulled"))  # frames match the winner's hashes
+    assert [s.to_json() for s in pulled] == [s.to_json() for s in read_samples(tmp_path / winners[0])]
