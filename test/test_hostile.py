@@ -258,3 +258,16 @@ def test_two_writers_racing_for_one_shard_name_one_wins_and_nothing_mixes(tmp_pa
     assert len(winners) == 1 and len(losers) == 1 and "claimed by another writer" in str(results[losers[0]])
     pulled = read_samples(pull("s3://fleet/race", tmp_path / "pulled"))  # frames match the winner's hashes
     assert [s.to_json() for s in pulled] == [s.to_json() for s in read_samples(tmp_path / winners[0])]
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_a_truncated_bag_is_a_one_line_error(tmp_path, storage):
+    from owled_ros.data.bags import write_synthetic_drive
+
+    bag = write_synthetic_drive(tmp_path / "bag", frames=4, storage=storage, size=(32, 48))
+    data = next(p for p in bag.iterdir() if p.suffix in (".db3", ".mcap"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size * 6 // 10])
+    for command in (["calib", "from-bag", bag, tmp_path / "out"], ["replay", bag]):
+        result = owled(*command)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert "cannot be read (truncated or corrupt?)" in result.stderr
