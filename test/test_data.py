@@ -174,10 +174,14 @@ def test_a_full_disk_stops_recording_and_keeps_completed_shards(tmp_path, monkey
     assert not list((tmp_path / "calib").glob(".tmp-*"))
 
 
-def test_recorder_with_an_unwritable_output_dir_stops_at_start_up(tmp_path):
+@pytest.mark.parametrize("change,message", [({"output_dir": "FILE/calib"}, "not writable"),
+                                            ({"vehicle_id": "../../X"}, "not a safe name")])
+def test_recorder_with_a_bad_output_dir_or_vehicle_id_stops_at_start_up(tmp_path, change, message):
     (tmp_path / "file").write_text("not a directory")
-    params = recorder_params(tmp_path / "file" / "calib", ["/rec/a", "/rec/b"])
+    params = recorder_params(tmp_path / "calib", ["/rec/a", "/rec/b"])
+    params |= {k: v.replace("FILE", str(tmp_path / "file")) for k, v in change.items()}
     node = start_node("owled_ros.nodes.recorder_node", params, tmp_path / "log")
     assert node.wait(timeout=60) == 2
     errors = [line for line in (tmp_path / "log").read_text().splitlines() if "error" in line]
-    assert len(errors) == 1 and "output_dir" in errors[0] and "not writable" in errors[0]
+    assert len(errors) == 1 and message in errors[0], (tmp_path / "log").read_text()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [tmp_path / "file", tmp_path / "log"]

@@ -271,3 +271,19 @@ def test_a_truncated_bag_is_a_one_line_error(tmp_path, storage):
         result = owled(*command)
         assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
         assert "cannot be read (truncated or corrupt?)" in result.stderr
+
+
+def test_views_that_never_reach_a_frame_set_are_counted():
+    from owled_ros.data.frames import FrameSync
+
+    now = [0.0]
+    sync = FrameSync(["CAM_FRONT", "CAM_BACK"], slop_s=0.1, timeout_s=1.0, clock=lambda: now[0])
+    assert sync.add("CAM_FRONT", 10**9, "a") is None
+    assert sync.add("CAM_FRONT", 2 * 10**9, "b") is None  # replaces the first front view
+    assert sync.add("CAM_BACK", 2 * 10**9, "c").images == {"CAM_FRONT": "b", "CAM_BACK": "c"}
+    assert sync.dropped_views == 1
+    sync.add("CAM_BACK", 3 * 10**9, "d")
+    sync.add("CAM_FRONT", 5 * 10**9, "e")  # the back view is now too old for the front one
+    now[0] = 2.0
+    partial = sync.poll()
+    assert partial.missing == ["CAM_BACK"] and sync.dropped_views == 2

@@ -258,6 +258,7 @@ class DriveNode(Node):
     def stats(self):
         latencies = np.array(self.latencies) if self.latencies else np.array([math.nan])
         return {"processed_frame_sets": self.processed, "dropped_frame_sets": self.slot.dropped,
+                "dropped_views": self.cameras.sync.dropped_views,
                 "dropped_questions": self.counts["dropped_questions"], "refused_questions": self.counts["refused_questions"],
                 "worker_errors": self.counts["worker_errors"], "last_error": self.last_error,
                 "bad_images": sum(self.cameras.bad_images.values()),
