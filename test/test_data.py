@@ -151,3 +151,37 @@ def test_two_vehicles_share_a_prefix_without_overwriting(tmp_path, s3_server):
     report = prune(tmp_path / "model", tmp_path / "pruned", "owled", "0.5", "s3://fleet/drives", nsamples=8,
                    progress=False)
     assert report["calibration"]["source"] == "s3://fleet/drives" and report["calibration"]["frame_sets"] == 9
+
+
+def test_a_full_disk_stops_recording_and_keeps_completed_shards(tmp_path, monkeypatch):
+    import errno
+
+    from owled_ros.data import calib
+
+    recorder = ShardRecorder(tmp_path / "calib", "car1", shard_size=2)
+    assert all(recorder.write(frame_set(i, i)) for i in range(3))  # one complete shard, one open
+    real_write = calib._fsync_write
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(calib, "_fsync_write", full)
+    assert recorder.write(frame_set(3, 3)) is False
+    assert "No space left on device" in recorder.failed and recorder.writer is None
+    monkeypatch.setattr(calib, "_fsync_write", real_write)
+    assert recorder.write(frame_set(4, 4)) is False  # stays stopped; nothing more is written
+    samples = read_samples(tmp_path / "calib")
+    assert sorted(s.stamp_ns for s in samples) == [0, 10**9, 2 * 10**9]  # the open shard's frame was kept too
+    assert not list((tmp_path / "calib").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("change,message", [({"output_dir": "FILE/calib"}, "not writable"),
+                                            ({"vehicle_id": "../../X"}, "not a safe name")])
+def test_recorder_with_a_bad_output_dir_or_vehicle_id_stops_at_start_up(tmp_path, change, message):
+    (tmp_path / "file").write_text("not a directory")
+    params = recorder_params(tmp_path / "calib", ["/rec/a", "/rec/b"])
+    params |= {k: v.replace("FILE", str(tmp_path / "file")) for k, v in change.items()}
+    node = start_node("owled_ros.nodes.recorder_node", params, tmp_path / "log")
+    assert node.wait(timeout=60) == 2
+    errors = [line for line in (tmp_path / "log").read_text().splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], (tmp_path / "log").read_text()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [tmp_path / "file", tmp_path / "log"]

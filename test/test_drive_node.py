@@ -2,7 +2,7 @@
 import time
 
 import pytest
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from sensor_msgs.msg import Image
 
 from models import tiny_decoder
@@ -140,5 +140,74 @@ def test_a_burst_faster_than_inference_drops_frames_instead_of_queueing(model_di
         assert int(stats["dropped_frame_sets"]) > 0
         assert int(stats["processed_frame_sets"]) + int(stats["dropped_frame_sets"]) <= len(sent)
         assert float(stats["latency_p95_s"]) < 2.0
+    finally:
+        assert stop_node(node) == 0
+
+
+def test_huge_images_are_refused_unread_and_counted(model_dir, peer, tmp_path):
+    import cv2
+    import numpy as np
+
+    node = start_node("owled_ros.nodes.drive_node", params(model_dir), tmp_path / "node.log")
+    try:
+        assert peer.wait_for_subscribers(peer.pubs[0])
+        bomb = compressed_msg(frame(2), 7_000_000_000)
+        bomb.data = cv2.imencode(".png", np.zeros((5000, 5000), np.uint8))[1].tobytes()  # 25 kB -> 25 MP
+        peer.pubs[1].publish(bomb)
+        claims = image_msg(frame(1), 7_000_000_000)
+        claims.height, claims.width, claims.step = 100_000, 100_000, 300_000  # a raw header claiming 10^10 pixels
+        peer.pubs[0].publish(claims)
+        peer.spin(20, until=lambda: latest_stats(peer).get("bad_images.too_large") == "2")
+        assert latest_stats(peer)["bad_images.too_large"] == "2" and node.poll() is None
+        publish_set(peer, 8_000_000_000)
+        peer.spin(60, until=lambda: peer.received["/owled/perception"])
+        assert peer.received["/owled/perception"][0].header.stamp.sec == 8
+    finally:
+        assert stop_node(node) == 0
+
+
+def test_long_questions_are_refused_and_flooded_ones_counted(model_dir, peer, tmp_path):
+    node = start_node("owled_ros.nodes.drive_node", params(model_dir, question_queue=2, max_question_chars=200),
+                      tmp_path / "node.log")
+    try:
+        asker = peer.node.create_publisher(Question, "/owled/questions", 10)
+        assert peer.wait_for_subscribers(asker) and peer.wait_for_subscribers(peer.pubs[0])
+        asker.publish(Question(question_id="long", question="Why? " * 2400))  # 12 kB
+        for i in range(6):  # no frame set yet: they wait in a queue of 2
+            asker.publish(Question(question_id=f"q{i}", question="What should the ego vehicle do?"))
+        peer.spin(20, until=lambda: latest_stats(peer).get("dropped_questions") == "4")
+        stats = latest_stats(peer)
+        assert stats["refused_questions"] == "1" and stats["dropped_questions"] == "4"
+        publish_set(peer, 9_000_000_000)
+        peer.spin(60, until=lambda: len(peer.received["/owled/answers"]) == 2)
+        assert [a.question_id for a in peer.received["/owled/answers"]] == ["q4", "q5"]
+        client = peer.node.create_client(Ask, "/owled/ask")
+        assert client.wait_for_service(timeout_sec=10)
+        future = client.call_async(Ask.Request(question_id="long", question="x" * 201))
+        peer.spin(30, until=future.done)
+        assert not future.result().success and "max_question_chars" in future.result().message
+    finally:
+        assert stop_node(node) == 0
+
+
+def test_cameras_the_model_does_not_know_stop_the_node_at_start_up(model_dir, tmp_path):
+    names = "[CAM_FRONT,CAM_ROOF,CAM_FRONT_LEFT]"
+    node = start_node("owled_ros.nodes.drive_node", params(model_dir, camera_names=names), tmp_path / "node.log")
+    assert node.wait(timeout=60) == 2
+    errors = [line for line in (tmp_path / "node.log").read_text().splitlines() if "error" in line]
+    assert len(errors) == 1 and "CAM_ROOF" in errors[0] and "camera_names" in errors[0]
+
+
+def test_a_failing_worker_reports_the_error_and_keeps_serving(model_dir, peer, tmp_path):
+    # a model on the meta device has no data: every inference raises, as any runtime failure would
+    node = start_node("owled_ros.nodes.drive_node", params(model_dir, device="meta"), tmp_path / "node.log")
+    try:
+        assert peer.wait_for_subscribers(peer.pubs[0])
+        for second in (11, 12):
+            publish_set(peer, second * 10**9)
+            peer.spin(20, until=lambda s=second: latest_stats(peer).get("worker_errors") == str(s - 10))
+        assert latest_stats(peer)["worker_errors"] == "2" and node.poll() is None  # the second set was tried too
+        status = [s for a in peer.received["/diagnostics"] for s in a.status if s.name == "owled_drive"][-1]
+        assert status.level == DiagnosticStatus.ERROR and status.message == latest_stats(peer)["last_error"] != ""
     finally:
         assert stop_node(node) == 0

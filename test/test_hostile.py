@@ -1,13 +1,16 @@
 """Hostile inputs: no file read or written outside its directory, frames checked against their hashes,
 ids that cannot name a path elsewhere, one-line errors for bad command-line values."""
+import hashlib
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from models import tiny_decoder
-from owled_ros.data.calib import MANIFEST, read_samples, write_synthetic
+from owled_ros.data.calib import MANIFEST, decode_image, encode_jpeg, read_samples, write_synthetic
 from owled_ros.data.recorder import ShardRecorder
 from owled_ros.pruning.run import prune
 
@@ -150,3 +153,137 @@ def test_a_manifest_that_is_a_directory_and_an_empty_bag_are_named(tmp_path):
     with pytest.raises(ValueError, match="no complete frame set"):
         import_bag(bag, tmp_path / "calib")
     assert not (tmp_path / "calib").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hostile") / "tiny"
+    tiny_decoder().save_pretrained(directory)
+    return directory
+
+
+def broken_copy(tiny_dir, tmp_path, config=None, weights=None):
+    import shutil
+
+    from owled_ros.model.checkpoint import load_weights, save_weights
+
+    target = tmp_path / "model"
+    shutil.copytree(tiny_dir, target)
+    if config:
+        data = json.loads((target / "config.json").read_text())
+        (target / "config.json").write_text(json.dumps(config(data)))
+    if weights:
+        state = load_weights(target / "model.safetensors")
+        weights(state)
+        save_weights(target / "model.safetensors", state)
+    return target
+
+
+def edit(path, value):
+    """A config change: set the dotted key to value (None deletes it)."""
+    def change(config):
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        if value is None:
+            node.pop(last)
+        else:
+            node[last] = value
+        return config
+    return change
+
+
+@pytest.mark.parametrize("config,message", [
+    (edit("lm.hidden_size", 10**7), "does not match config.json"),
+    (edit("lm.num_hidden_layers", 10**5), "lm.model.layers has 100000 layers in config.json, 3 in the weights"),
+    (lambda c: [c], "must be a JSON object"),
+    (edit("lm", None), "'lm' is missing"),
+    (edit("vision", None), "'vision' is missing"),
+    (edit("lm.model_type", None), "lm.model_type is missing"),
+    (edit("vision.patch", 0), "vision.patch 0 is not a positive integer"),
+    (edit("family", "t5"), "lm.encoder.block has None layers"),
+])
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_building(tiny_dir, tmp_path, config, message):
+    from owled_ros.model.vlm import DrivingVLM, ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        DrivingVLM.from_pretrained(broken_copy(tiny_dir, tmp_path, config=config))
+
+
+@pytest.mark.parametrize("weights,message", [
+    (lambda s: s.update({"lm.model.norm.weight": torch.ones(65)}), "lm.model.norm.weight (65,) (config: (64,))"),
+    (lambda s: s["lm.model.layers.0.mlp.up_proj.weight"].fill_(float("nan")), "up_proj.weight holds NaN"),
+    (lambda s: s.update({"lm.model.norm.weight": torch.ones(64, dtype=torch.int64)}), "norm.weight holds torch.int64"),
+])
+def test_weights_of_the_wrong_shape_type_or_value_are_refused(tiny_dir, tmp_path, weights, message):
+    from owled_ros.model.vlm import DrivingVLM, ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        DrivingVLM.from_pretrained(broken_copy(tiny_dir, tmp_path, weights=weights))
+
+
+def test_two_writers_racing_for_one_shard_name_one_wins_and_nothing_mixes(tmp_path, s3_server):
+    import threading
+
+    from owled_ros.data.store import StoreError, pull, push
+
+    write_synthetic(tmp_path / "a", 6, seed=7, vehicle="car1", height=32, width=48)
+    write_synthetic(tmp_path / "b", 6, seed=7, vehicle="car1", height=32, width=48)  # the same shard name...
+    shard = next((tmp_path / "b").iterdir())
+
+    def invert(line):  # ...and other frames under the same names
+        for camera, relative in line["cameras"].items():
+            data = encode_jpeg(255 - decode_image((shard / relative).read_bytes(), relative))
+            (shard / relative).write_bytes(data)
+            line["sha256"][camera] = hashlib.sha256(data).hexdigest()
+    lines = [json.loads(line) for line in (shard / MANIFEST).read_text().splitlines()]
+    for line in lines:
+        invert(line)
+    (shard / MANIFEST).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    results = {}
+
+    def writer(name):
+        try:
+            results[name] = push(tmp_path / name, "s3://fleet/race")
+        except StoreError as error:
+            results[name] = error
+    threads = [threading.Thread(target=writer, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [name for name, result in results.items() if isinstance(result, list) and result]
+    losers = [name for name, result in results.items() if isinstance(result, StoreError)]
+    assert len(winners) == 1 and len(losers) == 1 and "claimed by another writer" in str(results[losers[0]])
+    pulled = read_samples(pull("s3://fleet/race", tmp_path / "pulled"))  # frames match the winner's hashes
+    assert [s.to_json() for s in pulled] == [s.to_json() for s in read_samples(tmp_path / winners[0])]
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_a_truncated_bag_is_a_one_line_error(tmp_path, storage):
+    from owled_ros.data.bags import write_synthetic_drive
+
+    bag = write_synthetic_drive(tmp_path / "bag", frames=4, storage=storage, size=(32, 48))
+    data = next(p for p in bag.iterdir() if p.suffix in (".db3", ".mcap"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size * 6 // 10])
+    for command in (["calib", "from-bag", bag, tmp_path / "out"], ["replay", bag]):
+        result = owled(*command)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert "cannot be read (truncated or corrupt?)" in result.stderr
+
+
+def test_views_that_never_reach_a_frame_set_are_counted():
+    from owled_ros.data.frames import FrameSync
+
+    now = [0.0]
+    sync = FrameSync(["CAM_FRONT", "CAM_BACK"], slop_s=0.1, timeout_s=1.0, clock=lambda: now[0])
+    assert sync.add("CAM_FRONT", 10**9, "a") is None
+    assert sync.add("CAM_FRONT", 2 * 10**9, "b") is None  # replaces the first front view
+    assert sync.add("CAM_BACK", 2 * 10**9, "c").images == {"CAM_FRONT": "b", "CAM_BACK": "c"}
+    assert sync.dropped_views == 1
+    sync.add("CAM_BACK", 3 * 10**9, "d")
+    sync.add("CAM_FRONT", 5 * 10**9, "e")  # the back view is now too old for the front one
+    now[0] = 2.0
+    partial = sync.poll()
+    assert partial.missing == ["CAM_BACK"] and sync.dropped_views == 2

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2.errors import ReaderError
 from rosbags.typesys import Stores, get_typestore
 
 from .calib import ShardWriter, check_name
@@ -46,14 +47,41 @@ def write_synthetic_drive(path, frames=20, rate_hz=2.0, seed=0, cameras=CAMERAS,
     return Path(path)
 
 
+class BagError(ValueError):
+    pass
+
+
+def open_bag(bag):
+    """A rosbags Reader, opened; a damaged or missing bag is a BagError naming it."""
+    reader = Reader(Path(bag))
+    try:
+        reader.open()
+    except (ReaderError, OSError) as error:
+        raise BagError(f"bag {bag} cannot be read (truncated or corrupt?): {error}") from None
+    return reader
+
+
+def image_topics(bag):
+    with open_bag(bag) as reader:
+        return sorted({c.topic for c in reader.connections if c.msgtype in (IMAGE, COMPRESSED)})
+
+
 def camera_messages(bag, topics):
-    """(topic, bag time ns, message type, deserialised message) for the given topics, in bag order."""
-    with Reader(Path(bag)) as reader:
+    """(topic, bag time ns, message type, deserialised message) for the given topics, in bag order. A bag
+    damaged part-way yields what is intact, then raises BagError."""
+    with open_bag(bag) as reader:
         connections = [c for c in reader.connections if c.topic in topics]
         missing = set(topics) - {c.topic for c in connections}
         if missing:
             raise ValueError(f"bag {bag} has no topic(s) {sorted(missing)}; it has {sorted({c.topic for c in reader.connections})}")
-        for connection, timestamp, raw in reader.messages(connections=connections):
+        messages = reader.messages(connections=connections)
+        while True:
+            try:
+                connection, timestamp, raw = next(messages)
+            except StopIteration:
+                return
+            except (ReaderError, OSError) as error:
+                raise BagError(f"bag {bag} is damaged part-way: {error}") from None
             if connection.msgtype not in (IMAGE, COMPRESSED):
                 raise ValueError(f"topic {connection.topic} is {connection.msgtype}, not an image type")
             yield connection.topic, timestamp, connection.msgtype, TYPESTORE.deserialize_cdr(raw, connection.msgtype)
@@ -66,27 +94,32 @@ def import_bag(bag, out, topics=None, slop_s=0.1, vehicle="bag", shard_size=64):
     by_topic = {topic: camera for camera, topic in topics.items()}
     bag_name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(bag).name).lstrip(".") or "bag"
     sync = FrameSync(list(topics), slop_s)
-    written, bad, writer, shard = 0, 0, None, 0
-    for topic, _, msgtype, message in camera_messages(bag, list(by_topic)):
-        try:
-            rgb = to_rgb(message, msgtype == COMPRESSED)
-        except ImageError:
-            bad += 1
-            continue
-        stamp = message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
-        frame_set = sync.add(by_topic[topic], stamp, rgb)
-        if frame_set is None:
-            continue
-        if writer is None:
-            writer = ShardWriter(out, f"{vehicle}-{bag_name}-{shard:04d}")
-        writer.add(f"{vehicle}-{frame_set.stamp_ns}", frame_set.images, stamp_ns=frame_set.stamp_ns,
-                   source=f"bag:{Path(bag).name}", vehicle=vehicle, qa=driving_questions())
-        written += 1
-        if writer.count >= shard_size:
-            writer.close()
-            writer, shard = None, shard + 1
+    written, bad, writer, shard, damage = 0, 0, None, 0, None
+    try:
+        for topic, _, msgtype, message in camera_messages(bag, list(by_topic)):
+            try:
+                rgb = to_rgb(message, msgtype == COMPRESSED)
+            except ImageError:
+                bad += 1
+                continue
+            stamp = message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
+            frame_set = sync.add(by_topic[topic], stamp, rgb)
+            if frame_set is None:
+                continue
+            if writer is None:
+                writer = ShardWriter(out, f"{vehicle}-{bag_name}-{shard:04d}")
+            writer.add(f"{vehicle}-{frame_set.stamp_ns}", frame_set.images, stamp_ns=frame_set.stamp_ns,
+                       source=f"bag:{Path(bag).name}", vehicle=vehicle, qa=driving_questions())
+            written += 1
+            if writer.count >= shard_size:
+                writer.close()
+                writer, shard = None, shard + 1
+    except BagError as error:
+        damage = error
     if writer is not None:
-        writer.close()
+        writer.close()  # the frame sets read before any damage are kept
+    if damage:
+        raise BagError(f"{damage}; the {written} frame sets before it were imported into {out}" if written else str(damage))
     if not written:
         raise ValueError(f"bag {bag} holds no complete frame set of {sorted(topics.values())} ({bad} bad frames)")
     return written, bad

@@ -157,7 +157,10 @@ class ShardWriter:
 
     def abort(self):
         if not self.manifest.closed:
-            self.manifest.close()
+            try:
+                self.manifest.close()
+            except OSError:  # its buffer could not be flushed (disk full): the shard is dropped anyway
+                pass
         for path in sorted(self.tmp.rglob("*"), reverse=True):
             path.rmdir() if path.is_dir() else path.unlink()
         self.tmp.rmdir()

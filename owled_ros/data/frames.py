@@ -15,16 +15,18 @@ class FrameSet:
 class FrameSync:
     """Collects the newest view of each camera; a set is complete when every camera has a view within
     `slop_s` of the newest. After `timeout_s` (wall time) without completion, the views at hand go out
-    as a partial set with the rest reported missing."""
+    as a partial set with the rest reported missing. Views that never make it into a set (replaced by a
+    newer view of the same camera, or too old for the set that goes out) are counted in dropped_views."""
 
     def __init__(self, cameras, slop_s=0.1, timeout_s=1.0, clock=time.monotonic):
         self.cameras, self.slop_ns, self.timeout_s, self.clock = list(cameras), int(slop_s * 1e9), timeout_s, clock
-        self.views, self.first_arrival = {}, None
+        self.views, self.first_arrival, self.dropped_views = {}, None, 0
         self.lock = threading.Lock()
 
     def add(self, camera, stamp_ns, image, frame_id=""):
         """Returns a complete FrameSet or None."""
         with self.lock:
+            self.dropped_views += camera in self.views
             self.views[camera] = (stamp_ns, image, frame_id)
             self.first_arrival = self.first_arrival or self.clock()
             newest = max(s for s, _, _ in self.views.values())
@@ -42,6 +44,7 @@ class FrameSync:
             return self._take({c for c, (s, _, _) in self.views.items() if newest - s <= self.slop_ns})
 
     def _take(self, present):
+        self.dropped_views += len(set(self.views) - present)
         views = {c: self.views[c] for c in self.cameras if c in present}
         stamp = max(s for s, _, _ in views.values())
         frame_id = views.get(self.cameras[0], next(iter(views.values())))[2]

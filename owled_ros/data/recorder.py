@@ -34,22 +34,33 @@ class KeepPolicy:
 
 
 class ShardRecorder:
-    """Writes kept frame sets into shards of shard_size; stops at max_frames or when quota_bytes is reached."""
+    """Writes kept frame sets into shards of shard_size; stops at max_frames or when quota_bytes is reached,
+    and for good when the disk fails (a full disk): `failed` says why, every completed shard stays."""
 
     def __init__(self, out, vehicle, shard_size=32, max_frames=1000, quota_bytes=1 << 30, source="live"):
         self.out, self.vehicle, self.shard_size = out, check_name(vehicle, "vehicle id"), shard_size
         self.max_frames, self.quota_bytes, self.source = max_frames, quota_bytes, source
         self.session = time.strftime("%Y%m%dT%H%M%S")
         self.writer, self.shards, self.frames, self.bytes = None, 0, 0, 0
+        self.failed = ""
 
     @property
     def full(self):
         return self.frames >= self.max_frames or self.bytes >= self.quota_bytes
 
     def write(self, frame_set):
-        """Returns False (and writes nothing) once the limits are reached."""
-        if self.full:
+        """Returns False (and writes nothing) once the limits are reached or the disk has failed."""
+        if self.full or self.failed:
             return False
+        try:
+            self._write(frame_set)
+        except OSError as error:
+            self.failed = f"{error.strerror or error} writing {self.out}: recording stopped"
+            self.close_shard()
+            return False
+        return True
+
+    def _write(self, frame_set):
         if self.writer is None:
             self.out.mkdir(parents=True, exist_ok=True)
             self.writer = ShardWriter(self.out, f"{self.vehicle}-{self.session}-{self.shards:04d}")
@@ -61,9 +72,15 @@ class ShardRecorder:
         self.bytes += self.writer.bytes - before
         if self.writer.count >= self.shard_size or self.full:
             self.close_shard()
-        return True
 
     def close_shard(self):
-        if self.writer is not None:
-            self.writer.close()
-            self.writer, self.shards = None, self.shards + 1
+        """Complete the current shard; if even that fails (disk full), drop it and keep the earlier ones."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        try:
+            if writer.close() is not None:
+                self.shards += 1
+        except OSError as error:
+            self.failed = self.failed or f"{error.strerror or error} closing a shard in {self.out}: recording stopped"
+            writer.abort()

@@ -2,7 +2,8 @@
 
 Layout under s3://bucket/prefix/: one folder per shard, named <vehicle>-<session>-<n> by the writer, so
 vehicles never write the same keys. A shard's manifest is uploaded last, so readers only see complete
-shards; an existing shard is never overwritten (a re-push of the same content is skipped by hash).
+shards; a shard name is claimed by a conditional put before any upload, so an existing shard is never
+overwritten, even by a writer racing for the same name (a re-push of the same content is skipped by hash).
 """
 import hashlib
 import json
@@ -13,6 +14,9 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .calib import MANIFEST, check_name, inside, shards
+
+
+CLAIM = ".claim"  # the object whose conditional put reserves a shard name for one writer
 
 
 class StoreError(ValueError):
@@ -39,7 +43,9 @@ def _digest(path):
 
 
 def push(local_set, url, endpoint_url=None):
-    """Upload the completed shards of a local set; returns the names of shards uploaded."""
+    """Upload the completed shards of a local set; returns the names of shards uploaded. A shard is first
+    claimed with a conditional put (If-None-Match) of its manifest's digest: of two writers pushing the same
+    shard name, one wins and the other gets a StoreError, so neither overwrites the other's frames."""
     bucket, prefix = split_url(url)
     if not Path(local_set).is_dir():
         raise StoreError(f"calibration set not found: {local_set}")
@@ -47,22 +53,34 @@ def push(local_set, url, endpoint_url=None):
     uploaded = []
     try:
         for shard in shards(local_set):
-            manifest_key = _key(prefix, shard.name, MANIFEST)
-            existing = s3.list_objects_v2(Bucket=bucket, Prefix=manifest_key).get("Contents", [])
-            if existing:
-                remote = s3.head_object(Bucket=bucket, Key=manifest_key)["Metadata"].get("sha256")
-                if remote != _digest(shard / MANIFEST):
-                    raise StoreError(f"{url}/{shard.name} exists with other content; refusing to overwrite")
+            digest = _digest(shard / MANIFEST)
+            if not claim(s3, bucket, _key(prefix, shard.name, CLAIM), digest, f"{url}/{shard.name}"):
                 continue
             for path in sorted(shard.rglob("*")):
                 if path.is_file() and path.name != MANIFEST:
                     s3.upload_file(str(path), bucket, _key(prefix, shard.name, path.relative_to(shard).as_posix()))
-            s3.upload_file(str(shard / MANIFEST), bucket, manifest_key,
-                           ExtraArgs={"Metadata": {"sha256": _digest(shard / MANIFEST)}})
+            s3.upload_file(str(shard / MANIFEST), bucket, _key(prefix, shard.name, MANIFEST),
+                           ExtraArgs={"Metadata": {"sha256": digest}})
             uploaded.append(shard.name)
     except (BotoCoreError, ClientError) as error:
         raise StoreError(f"object store {url}: {error}") from None
     return uploaded
+
+
+def claim(s3, bucket, key, digest, where):
+    """True if this writer holds the shard and must upload it; False if the same content is already there."""
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=digest.encode(), IfNoneMatch="*")
+        return True
+    except ClientError as error:
+        if error.response["Error"]["Code"] not in ("PreconditionFailed", "412"):
+            raise
+    holder = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    if holder != digest:
+        raise StoreError(f"{where} is claimed by another writer with other content; refusing to overwrite")
+    manifest_key = key[: -len(CLAIM)] + MANIFEST
+    done = s3.list_objects_v2(Bucket=bucket, Prefix=manifest_key).get("Contents", [])
+    return not done  # same content: finish an interrupted upload, or nothing to do
 
 
 def pull(url, cache, endpoint_url=None):
@@ -100,7 +118,7 @@ def shard_files(local, manifest_key, keys):
     try:
         check_name(name, "shard name")
         files = []
-        for key in (k for k in keys if k.startswith(shard_prefix)):
+        for key in (k for k in keys if k.startswith(shard_prefix) and k != shard_prefix + CLAIM):
             relative = key[len(shard_prefix):]
             parts = relative.split("/")
             if any(part in ("", ".", "..") for part in parts):

@@ -62,6 +62,18 @@ def save_weights(path, state, sparse_names=(), metadata=None):
     save_file(tensors, str(path), metadata={k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})
 
 
+def stored_shapes(path):
+    """{name: shape} of the weights in a file of either layout, from its header (no values read)."""
+    shapes = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if key.endswith(".shape"):
+                shapes[key[: -len(".shape")]] = tuple(f.get_tensor(key).tolist())
+            elif not key.endswith((".values", ".bitmask")):
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
 def load_weights(path):
     """Dense state dict from either layout."""
     path = Path(path)

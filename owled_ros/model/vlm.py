@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, T5ForConditionalGeneration
 
-from .checkpoint import load_weights, save_weights, unique_state_dict
+from .checkpoint import load_weights, save_weights, stored_shapes, unique_state_dict
 from .vision import MultiViewEncoder
 
 FORMAT = "owled-vlm/1"
@@ -268,24 +268,81 @@ class DrivingVLM(nn.Module):
             config = json.loads((directory / CONFIG).read_text())
         except json.JSONDecodeError as error:
             raise ModelLoadError(f"{directory / CONFIG} is not valid JSON: {error}") from None
-        if config.get("format") != FORMAT:
-            raise ModelLoadError(f"{directory / CONFIG}: format is {config.get('format')!r}, expected {FORMAT!r}")
+        try:
+            shapes = stored_shapes(directory / WEIGHTS)
+        except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
+            raise ModelLoadError(f"{directory / WEIGHTS} is corrupt or incomplete: {error}") from None
+        check_config(config, shapes, directory / CONFIG)
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"model directory {directory}: tokenizer files missing or bad ({error})") from None
+        # Build on the meta device first (no memory): a config that does not fit the weights is refused
+        # before anything as large as it asks for is allocated.
+        with torch.device("meta"):
+            skeleton = cls(config, build_lm(config), tokenizer)
+        check_shapes(skeleton, shapes, directory / WEIGHTS)
         model = cls(config, build_lm(config), tokenizer)
         try:
             state = load_weights(directory / WEIGHTS)
-        except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
+        except Exception as error:
             raise ModelLoadError(f"{directory / WEIGHTS} is corrupt or incomplete: {error}") from None
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {name for name in missing if name in tied_parameter_names(model)}
-        if set(missing) - tied or unexpected:
-            raise ModelLoadError(f"{directory / WEIGHTS} does not match config.json: missing "
-                                 f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        check_values(state, skeleton, directory / WEIGHTS)
+        model.load_state_dict(state, strict=False)
         model.lm.tie_weights()
         return model.eval()
+
+
+def check_config(config, shapes, path):
+    """The structure of config.json, and the layer counts it gives against those in the weights file."""
+    def need(condition, what):
+        if not condition:
+            raise ModelLoadError(f"{path}: {what}")
+    need(isinstance(config, dict), "must be a JSON object")
+    need(config.get("format") == FORMAT, f"format is {config.get('format')!r}, expected {FORMAT!r}")
+    need(config.get("family") in ("decoder", "t5"), f"family {config.get('family')!r} is not decoder or t5")
+    for key in ("lm", "vision", "prompt"):
+        need(isinstance(config.get(key), dict), f"{key!r} is missing or not an object")
+    need(isinstance(config["lm"].get("model_type"), str), "lm.model_type is missing")
+    vision = DEFAULT_VISION | config["vision"]
+    for key in ("patch", "width", "heads", "gpa_hidden"):
+        need(type(vision[key]) is int and vision[key] > 0, f"vision.{key} {vision[key]!r} is not a positive integer")
+    need(isinstance(vision["image_size"], list) and len(vision["image_size"]) == 2 and
+         all(type(v) is int and v >= vision["patch"] for v in vision["image_size"]),
+         f"vision.image_size {vision['image_size']!r} is not two integers of at least one patch")
+    stacks = {"vision.blocks": vision["layers"]}
+    lm = config["lm"]
+    if config["family"] == "t5":
+        stacks |= {"lm.encoder.block": lm.get("num_layers"), "lm.decoder.block": lm.get("num_decoder_layers", lm.get("num_layers"))}
+    else:
+        stacks["lm.model.layers"] = lm.get("num_hidden_layers")
+    for stack, count in stacks.items():
+        stored = {name[len(stack) + 1:].split(".")[0] for name in shapes if name.startswith(stack + ".")}
+        need(count == len(stored), f"{stack} has {count!r} layers in config.json, {len(stored)} in the weights")
+
+
+def check_shapes(skeleton, shapes, path):
+    """Every tensor the config builds is stored with the same shape, and nothing else is stored."""
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    tied = tied_parameter_names(skeleton)
+    missing = sorted(set(expected) - set(shapes) - tied)
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(f"{path} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [f"{name} {shapes[name]} (config: {expected[name]})" for name in expected if name in shapes
+             and shapes[name] != expected[name]]
+    if wrong:
+        raise ModelLoadError(f"{path} does not match config.json: {', '.join(wrong[:3])}")
+
+
+def check_values(state, skeleton, path):
+    """Floating-point weights where the model has them (integers only where it keeps counters), all finite."""
+    expected = skeleton.state_dict()
+    for name, tensor in state.items():
+        if tensor.is_floating_point() != expected[name].is_floating_point():
+            raise ModelLoadError(f"{path}: {name} holds {tensor.dtype}, the model needs {expected[name].dtype}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelLoadError(f"{path}: {name} holds NaN or infinite values")
 
 
 def select_cache(cache, rows):
@@ -294,10 +351,11 @@ def select_cache(cache, rows):
 
 
 def tied_parameter_names(model):
-    """Names that share storage with an earlier parameter (dropped on save, re-tied on load)."""
+    """Names of a tensor already named earlier (tied; dropped on save, re-tied on load). By identity, which
+    also holds on the meta device, where every tensor has data_ptr 0."""
     seen, tied = {}, set()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = tensor.data_ptr()
+        key = id(tensor)
         if key in seen:
             tied.add(name)
         seen.setdefault(key, name)

@@ -5,6 +5,7 @@ set (older unprocessed sets are dropped and counted) and answers queued question
 """
 import collections
 import math
+import sys
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from owled_ros.data.frames import FrameSync, LatestSlot
-from owled_ros.data.images import ImageError, to_rgb
+from owled_ros.data.images import MAX_PIXELS, ImageError, to_rgb
 from owled_ros.eval.parse import parse_action, parse_description, parse_speed
 from owled_ros.msg import ModelInfo, ObjectDescription, PerceptionDescription, PredictedAction, QAAnswer, Question
 from owled_ros.srv import Ask
@@ -45,6 +46,7 @@ def declare_camera_parameters(node):
     node.declare_parameter("sync_slop_s", 0.1)
     node.declare_parameter("view_timeout_s", 1.0)
     node.declare_parameter("camera_reliability", "best_effort")  # best_effort (sensor data QoS) | reliable
+    node.declare_parameter("max_image_pixels", MAX_PIXELS)  # larger images (raw or decoded) are refused unread
     topics, names, transports = (node.get_parameter(p).value for p in ("camera_topics", "camera_names", "camera_transports"))
     if not (len(topics) == len(names) == len(transports)) or not 1 <= len(topics) <= 6:
         raise ValueError("camera_topics, camera_names and camera_transports need the same length, 1 to 6")
@@ -72,6 +74,7 @@ class CameraInput:
         self.sync = FrameSync([name for _, name, _ in self.cameras], node.get_parameter("sync_slop_s").value,
                               node.get_parameter("view_timeout_s").value)
         self.bad_images = collections.Counter()
+        self.max_pixels = node.get_parameter("max_image_pixels").value
         qos = camera_qos(node)
         for topic, name, transport in self.cameras:
             kind = CompressedImage if transport == "compressed" else Image
@@ -81,7 +84,7 @@ class CameraInput:
 
     def on_image(self, msg, camera, compressed):
         try:
-            rgb = to_rgb(msg, compressed)
+            rgb = to_rgb(msg, compressed, self.max_pixels)
         except ImageError as error:
             self.bad_images[error.reason] += 1
             self.node.get_logger().warning(f"dropped {camera} frame: {error} ({sum(self.bad_images.values())} bad so far)",
@@ -114,6 +117,7 @@ class DriveNode(Node):
         self.declare_parameter("action_question", "What should the ego vehicle do?")
         self.declare_parameter("latency_window", 50)
         self.declare_parameter("question_queue", 16)
+        self.declare_parameter("max_question_chars", 1000)  # longer questions are refused and counted
         param = lambda name: self.get_parameter(name).value
 
         from owled_ros.model.build import resolve_model
@@ -121,6 +125,7 @@ class DriveNode(Node):
 
         self.model = DrivingVLM.from_pretrained(resolve_model(param("model_dir"))).to(param("device"))
         self.model_lock = threading.Lock()
+        self.max_question_chars = param("max_question_chars")
         compression = self.model.compression
         nm = compression.get("nm") or [0, 0]
         self.model_info = ModelInfo(model_id=self.model.model_id, method=compression["method"],
@@ -130,6 +135,8 @@ class DriveNode(Node):
         self.latencies = collections.deque(maxlen=param("latency_window"))
         self.questions = collections.deque(maxlen=param("question_queue"))
         self.processed = 0
+        self.counts = collections.Counter()  # dropped/refused questions, worker errors
+        self.failing, self.last_error = False, ""
         self.latest = None  # newest processed frame set, for questions
         self.slot = LatestSlot()
 
@@ -140,6 +147,10 @@ class DriveNode(Node):
         self.create_subscription(Question, "/owled/questions", self.on_question, 10)
         self.create_service(Ask, "/owled/ask", self.on_ask, callback_group=ReentrantCallbackGroup())
         self.cameras = CameraInput(self, self.slot.put)
+        unknown = [name for _, name, _ in self.cameras.cameras if name not in self.model.cameras]
+        if unknown:
+            raise ValueError(f"camera_names {unknown} are not views of model {self.model.model_id} "
+                             f"(it knows {self.model.cameras})")
         self.create_timer(1.0, self.publish_diagnostics)
         self.running = True
         self.worker = threading.Thread(target=self.work, daemon=True)
@@ -155,15 +166,27 @@ class DriveNode(Node):
             return answers, time.perf_counter() - start
 
     def work(self):
+        """Frame sets and queued questions take turns: one question at most between two frame sets, so a
+        flood of questions never starves the cameras. An error is reported and the worker goes on."""
         while self.running:
             frame_set = self.slot.take(timeout=0.2)
             if frame_set is not None:
                 started = time.monotonic()
-                self.process(frame_set)
+                self.guarded(self.process, frame_set)
                 self.latest = frame_set
                 time.sleep(max(0.0, self.min_period - (time.monotonic() - started)))
-            while self.questions and self.latest is not None:
-                self.answer_question(self.questions.popleft())
+            if self.questions and self.latest is not None:
+                self.guarded(self.answer_question, self.questions.popleft())
+
+    def guarded(self, step, item):
+        """Run one worker step; diagnostics stay ERROR, with the message, until a later step succeeds."""
+        try:
+            step(item)
+            self.failing = False
+        except Exception as error:  # noqa: BLE001 -- any failure must reach diagnostics, not kill the worker
+            self.counts["worker_errors"] += 1
+            self.failing, self.last_error = True, f"{type(error).__name__}: {error}"
+            self.get_logger().error(f"{step.__name__} failed: {self.last_error}", throttle_duration_sec=5.0)
 
     def header(self, frame_set):
         return Header(stamp=stamp_msg(frame_set.stamp_ns), frame_id=frame_set.frame_id)
@@ -196,9 +219,21 @@ class DriveNode(Node):
                                model=self.model_info, latency_s=latency)
 
     # ----- questions -----
+    def refused(self, question):
+        """Why a question is not answered, or None."""
+        if len(question.question) > self.max_question_chars:
+            self.counts["refused_questions"] += 1
+            return f"question of {len(question.question)} characters is over max_question_chars ({self.max_question_chars})"
+        return None
+
     def on_question(self, msg):
+        reason = self.refused(msg)
+        if reason:
+            self.get_logger().warning(f"question {msg.question_id!r} refused: {reason}", throttle_duration_sec=2.0)
+            return
         if len(self.questions) == self.questions.maxlen:
-            self.get_logger().warning("question queue full; dropping the oldest question")
+            self.counts["dropped_questions"] += 1
+            self.get_logger().warning("question queue full; dropping the oldest question", throttle_duration_sec=2.0)
         self.questions.append(msg)
 
     def answer_question(self, question):
@@ -211,8 +246,9 @@ class DriveNode(Node):
         return message
 
     def on_ask(self, request, response):
-        if self.latest is None:
-            response.success, response.message = False, "no frame set received yet"
+        reason = "no frame set received yet" if self.latest is None else self.refused(request)
+        if reason:
+            response.success, response.message = False, reason
             return response
         response.answer = self.answer_question(request)
         response.success, response.message = True, "ok"
@@ -222,6 +258,9 @@ class DriveNode(Node):
     def stats(self):
         latencies = np.array(self.latencies) if self.latencies else np.array([math.nan])
         return {"processed_frame_sets": self.processed, "dropped_frame_sets": self.slot.dropped,
+                "dropped_views": self.cameras.sync.dropped_views,
+                "dropped_questions": self.counts["dropped_questions"], "refused_questions": self.counts["refused_questions"],
+                "worker_errors": self.counts["worker_errors"], "last_error": self.last_error,
                 "bad_images": sum(self.cameras.bad_images.values()),
                 **{f"bad_images.{k}": v for k, v in sorted(self.cameras.bad_images.items())},
                 "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
@@ -230,8 +269,10 @@ class DriveNode(Node):
 
     def publish_diagnostics(self):
         stats = self.stats()
-        status = DiagnosticStatus(level=DiagnosticStatus.OK, name="owled_drive", hardware_id=self.model_info.model_id,
-                                  message=f"{stats['processed_frame_sets']} processed, {stats['dropped_frame_sets']} dropped",
+        status = DiagnosticStatus(level=DiagnosticStatus.ERROR if self.failing else DiagnosticStatus.OK, name="owled_drive",
+                                  hardware_id=self.model_info.model_id,
+                                  message=self.last_error if self.failing else
+                                  f"{stats['processed_frame_sets']} processed, {stats['dropped_frame_sets']} dropped",
                                   values=[KeyValue(key=k, value=str(v)) for k, v in stats.items()])
         self.diagnostics_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
         self.get_logger().info(" ".join(f"{k}={v}" for k, v in stats.items() if "." not in k), throttle_duration_sec=10.0)
@@ -243,9 +284,15 @@ class DriveNode(Node):
 
 
 def spin(node_class):
-    """Run a node until SIGINT/SIGTERM with a multi-threaded executor."""
+    """Run a node until SIGINT/SIGTERM with a multi-threaded executor. A bad parameter or model stops it at
+    start-up with one line and exit code 2."""
     rclpy.init()
-    node = node_class()
+    try:
+        node = node_class()
+    except (ValueError, OSError) as error:
+        print(f"{node_class.__name__}: error: {error}", file=sys.stderr)
+        rclpy.try_shutdown()
+        sys.exit(2)
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     try:

@@ -5,6 +5,7 @@ stays under its temporary name, which readers ignore.
 """
 import collections
 import socket
+import tempfile
 from pathlib import Path
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -27,6 +28,7 @@ class RecorderNode(Node):
         self.declare_parameter("quota_mb", 1024.0)
         param = lambda name: self.get_parameter(name).value
         self.policy = KeepPolicy(param("min_interval_s"), param("min_difference"))
+        check_writable(Path(param("output_dir")))
         self.recorder = ShardRecorder(Path(param("output_dir")), param("vehicle_id") or socket.gethostname(), param("shard_size"),
                                       param("max_frames"), int(param("quota_mb") * 2**20))
         self.skipped = collections.Counter()
@@ -38,19 +40,24 @@ class RecorderNode(Node):
     def on_frame_set(self, frame_set):
         reason = self.policy.check(frame_set)
         if reason is None and not self.recorder.write(frame_set):
-            reason = "limit"
-            self.get_logger().warning("max_frames or quota reached; not recording", throttle_duration_sec=10.0)
+            reason = "disk" if self.recorder.failed else "limit"
+            if self.recorder.failed:
+                self.get_logger().error(self.recorder.failed, throttle_duration_sec=10.0)
+            else:
+                self.get_logger().warning("max_frames or quota reached; not recording", throttle_duration_sec=10.0)
         if reason:
             self.skipped[reason] += 1
 
     def stats(self):
         return {"frames": self.recorder.frames, "shards": self.recorder.shards, "bytes": self.recorder.bytes,
-                "bad_images": sum(self.cameras.bad_images.values()),
+                "bad_images": sum(self.cameras.bad_images.values()), "dropped_views": self.cameras.sync.dropped_views,
                 **{f"skipped.{k}": v for k, v in sorted(self.skipped.items())}}
 
     def publish_diagnostics(self):
         stats = self.stats()
-        status = DiagnosticStatus(level=DiagnosticStatus.OK, name="owled_recorder", message=f"{stats['frames']} frames",
+        failed = self.recorder.failed
+        status = DiagnosticStatus(level=DiagnosticStatus.ERROR if failed else DiagnosticStatus.OK, name="owled_recorder",
+                                  message=failed or f"{stats['frames']} frames",
                                   values=[KeyValue(key=k, value=str(v)) for k, v in stats.items()])
         self.diagnostics_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
@@ -58,6 +65,16 @@ class RecorderNode(Node):
         self.recorder.close_shard()
         self.get_logger().info(" ".join(f"{k}={v}" for k, v in self.stats().items()))
         super().destroy_node()
+
+
+def check_writable(directory):
+    """Fail at start-up, not on the first frame set, when the output directory cannot take files."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise OSError(f"output_dir {directory} is not writable: {error.strerror or error}") from None
 
 
 def main():

@@ -7,8 +7,7 @@ from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from owled_ros.data.bags import COMPRESSED, camera_messages
-from rosbags.rosbag2 import Reader
+from owled_ros.data.bags import COMPRESSED, camera_messages, image_topics
 
 
 def to_ros(msgtype, message):
@@ -18,11 +17,6 @@ def to_ros(msgtype, message):
         return CompressedImage(header=header, format=message.format, data=message.data.tobytes())
     return Image(header=header, height=message.height, width=message.width, encoding=message.encoding,
                  is_bigendian=message.is_bigendian, step=message.step, data=message.data.tobytes())
-
-
-def image_topics(bag):
-    with Reader(bag) as reader:
-        return sorted({c.topic for c in reader.connections if c.msgtype.endswith(("/Image", "/CompressedImage"))})
 
 
 def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_timeout=30.0, log=print):

@@ -1,9 +1,11 @@
-"""Sequential block-by-block pruning (Wanda/SparseGPT style) with OWL's outlier-weighted allocation.
+"""Sequential block-by-block pruning (Wanda / SparseGPT style) with OWL's outlier-weighted allocation.
 
 For each component (vision blocks, LM blocks; T5: encoder then decoder) the calibration samples are run
-through the model once to capture the first block's input and every block's other arguments; then the
-blocks are processed in order: accumulate input-feature norms, score, prune, recompute the block's
-outputs with the pruned weights and feed them to the next block. Memory stays at one block's activations.
+through the model once to capture the first block's input and every block's other arguments (never a KV
+cache); then the blocks are processed in order: collect each linear's input statistics (per-feature
+norms; XᵀX for SparseGPT), prune every linear to its planned sparsity or N:M pattern, recompute the
+block's outputs with the pruned weights and feed them to the next block. OWL first runs the dense model
+once to measure each block's outlier ratio. Memory stays near one block's activations.
 """
 import logging
 import math
