@@ -1,4 +1,5 @@
 """rosbag2 (sqlite3 and MCAP) camera data with the pure-Python `rosbags`: write, read, import as calibration."""
+import contextlib
 import re
 from pathlib import Path
 
@@ -51,14 +52,18 @@ class BagError(ValueError):
     pass
 
 
+@contextlib.contextmanager
 def open_bag(bag):
-    """A rosbags Reader, opened; a damaged or missing bag is a BagError naming it."""
-    reader = Reader(Path(bag))
+    """An open rosbags Reader; a damaged or missing bag is a BagError naming it."""
     try:
+        reader = Reader(Path(bag))
         reader.open()
     except (ReaderError, OSError) as error:
         raise BagError(f"bag {bag} cannot be read (truncated or corrupt?): {error}") from None
-    return reader
+    try:
+        yield reader
+    finally:
+        reader.close()
 
 
 def image_topics(bag):

@@ -5,6 +5,7 @@ set (older unprocessed sets are dropped and counted) and answers queued question
 """
 import collections
 import math
+import os
 import sys
 import threading
 import time
@@ -290,9 +291,8 @@ def spin(node_class):
     try:
         node = node_class()
     except (ValueError, OSError) as error:
-        print(f"{node_class.__name__}: error: {error}", file=sys.stderr)
-        rclpy.try_shutdown()
-        sys.exit(2)
+        print(f"{node_class.__name__}: error: {error}", file=sys.stderr, flush=True)
+        os._exit(2)  # nothing to keep: rclpy's teardown would call destroy_node on the half-built node
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     try:
