@@ -107,7 +107,8 @@ def test_perplexity_scores_every_token_once():
 def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(tmp_path):
     tiny_decoder().save_pretrained(tmp_path / "model")
     summary = run_bench(tmp_path / "model", tmp_path / "out", sparsities=(0.5,), nm="2:4", methods=("wanda", "owled"),
-                        nsamples=8, eval_frames=4, generated_frames=2, max_new_tokens=4, log=lambda *_: None)
+                        nm_methods=("wanda", "owled"), nsamples=8, eval_frames=4, generated_frames=2, max_new_tokens=4,
+                        log=lambda *_: None)
     names = [r["name"] for r in summary["results"]]
     assert names == ["dense", "dense, blank images", "wanda-0.5", "owled-0.5", "wanda-2:4", "owled-2:4-0.4"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())

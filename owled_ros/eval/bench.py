@@ -20,6 +20,7 @@ from .evaluate import evaluate
 from .metrics import METEOR_SYNONYMS
 from .perplexity import perplexity
 from .stats import paired_difference
+from ..pruning.run import METHODS
 
 TEXTS = ("driving",)  # perplexity of every benchmarked model (the text check covers generic text)
 CLOSED = [("closed_mean_acc", "mean acc"), ("action_acc", "action"), ("light_acc", "light"), ("crossing_acc", "crossing"),
@@ -41,15 +42,14 @@ def text_path(name):
     return Path(resources.files("owled_ros") / "data" / "text" / f"{name}.txt")
 
 
-def runs(sparsities, paper_range, nm, component_sparsity,
-         methods=("magnitude", "wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt")):
-    """(name, method, sparsity spec, nm) of the sweep. Magnitude only at the lowest sparsity: it has
-    already lost the answers there."""
-    plan = [(f"{m}-{s:g}", m, f"{s:g}", None) for s in sparsities for m in methods if m != "magnitude" or s == sparsities[0]]
-    if nm:  # every linear N:M (the allocation changes nothing there), and OWL's dense outlier layers at 40 %
-        plan += [(f"{m}-{nm}", m, None, nm) for m in methods if m in ("wanda", "sparsegpt")]
-        plan += [(f"{m}-{nm}-0.4", m, "0.4", nm) for m in methods if m in ("owled", "owled-sparsegpt")]
-    plan += [(f"{m}-{s:g}", m, f"{s:g}", None) for s in paper_range for m in ("wanda", "owled") if s not in sparsities]
+def runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity):
+    """(name, method, sparsity spec, nm) of the sweep: every method at the first sparsity, high_methods at
+    the others; nm_methods in N:M: uniform ones on every linear, OWL ones at 40 % with the most
+    outlier-heavy layers dense."""
+    plan = [(f"{m}-{s:g}", m, f"{s:g}", None) for i, s in enumerate(sparsities) for m in methods
+            if i == 0 or m in high_methods]
+    for m in nm_methods if nm else ():
+        plan.append((f"{m}-{nm}-0.4", m, "0.4", nm) if METHODS[m][1] == "owl" else (f"{m}-{nm}", m, None, nm))
     if component_sparsity:
         plan += [(f"owled-vision-only-{component_sparsity:g}", "owled", f"vision={component_sparsity:g}", None),
                  (f"owled-llm-only-{component_sparsity:g}", "owled", f"llm={component_sparsity:g}", None)]
@@ -66,8 +66,9 @@ def measure(model, model_dir, eval_samples, generated, max_new_tokens, blank=Fal
     return row
 
 
-def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), paper_range=(), nm="2:4", component_sparsity=0,
-              nsamples=32, eval_frames=200, generated_frames=20, max_new_tokens=32, methods=None, log=print):
+def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsity=0, nsamples=32, eval_frames=200,
+              generated_frames=20, max_new_tokens=32, methods=("wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt"),
+              high_methods=("owled-sparsegpt",), nm_methods=("wanda", "owled-sparsegpt"), log=print):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -86,7 +87,7 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), paper_range=(), nm="2:
     results = [dense, blank]
     log(f"dense: closed mean accuracy {dense['metrics']['closed_mean_acc'][0]:.3f} "
         f"({blank['metrics']['closed_mean_acc'][0]:.3f} with blank images)")
-    plan = runs(sparsities, paper_range, nm, component_sparsity, *([methods] if methods else []))
+    plan = runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity)
     for name, method, sparsity, pattern in plan:
         calib = text_path("generic") if method == "owl" else work / "calib"
         command = [sys.executable, "-m", "owled_ros.cli", "prune", "--model", str(model_dir), "--out", str(work / name),
