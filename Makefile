@@ -11,7 +11,7 @@ demo: setup
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: setup
-	@$(PY) -m pytest -q test; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+	@. $(VENV)/bin/activate && python -m pytest -q test; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 # Regenerates bench/results/ and the README's results tables (see the README for the measured durations).
 bench: setup

@@ -37,9 +37,33 @@ if ! fresh deps "$deps"; then
   mark deps "$deps"
 fi
 
-interfaces=$(digest CMakeLists.txt package.xml msg/*.msg srv/*.srv)
+# The ROS 2 launch stack (launch, launch_ros, launch_testing, ros2cli) is on no registry: installed from
+# ../shared/ros2-launch where it exists (see its README); without it the launch tests skip and say why.
+launch_stack=${OWLED_ROS2_LAUNCH:-$root/../shared/ros2-launch}
+if [ -d "$launch_stack/wheels" ]; then
+  stack=$(digest "$launch_stack"/wheels/*.whl "$launch_stack"/composition_interfaces/srv/*.srv)
+  if ! fresh launch "$stack"; then
+    echo "[setup] installing the ROS 2 launch stack from $launch_stack"
+    "$py" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation "$launch_stack"/wheels/*.whl
+    # launch_ros imports composition_interfaces: an interface package, built like ours
+    mkdir -p build
+    AMENT_PREFIX_PATH=$venv cmake -S "$launch_stack/composition_interfaces" -B build/composition_interfaces -Wno-dev \
+      -DBUILD_TESTING=OFF -DCMAKE_PREFIX_PATH="$venv" -DCMAKE_INSTALL_PREFIX="$venv" -DPython3_EXECUTABLE="$py" \
+      > build/composition-interfaces.log 2>&1 \
+      && cmake --build build/composition_interfaces -j2 >> build/composition-interfaces.log 2>&1 \
+      && cmake --install build/composition_interfaces >> build/composition-interfaces.log 2>&1 \
+      || { tail -50 build/composition-interfaces.log; exit 1; }
+    mark launch "$stack"
+  fi
+fi
+# `source .venv/bin/activate` makes the venv the ament prefix that ros2 launch / ros2 pkg search
+grep -q AMENT_PREFIX_PATH "$venv/bin/activate" || cat >> "$venv/bin/activate" <<ACTIVATE
+export AMENT_PREFIX_PATH="$venv\${AMENT_PREFIX_PATH:+:\$AMENT_PREFIX_PATH}"
+ACTIVATE
+
+interfaces=$(digest CMakeLists.txt package.xml msg/*.msg srv/*.srv scripts/entry_point.in launch/* config/*)
 if ! fresh interfaces "$interfaces"; then
-  echo "[setup] generating messages (msg/, srv/) into $venv"
+  echo "[setup] generating messages (msg/, srv/) and installing launch/, config/, node executables into $venv"
   export AMENT_PREFIX_PATH=$venv CMAKE_PREFIX_PATH=$venv
   mkdir -p build
   cmake -S . -B build/interfaces -Wno-dev -DBUILD_TESTING=OFF -DOWLED_INSTALL_PYTHON=OFF \

@@ -13,8 +13,10 @@ from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
+from owled_ros.data.bags import carla_topics
 from owled_ros.data.calib import encode_jpeg
 from owled_ros.data.images import rgb_to_fields
+from owled_ros.data.world import render, sample_scene
 
 ROOT = Path(__file__).parents[1]
 RELIABLE = QoSProfile(depth=50, reliability=QoSReliabilityPolicy.RELIABLE)
@@ -86,3 +88,23 @@ class Peer:
 
 def frame(seed, shape=(64, 96, 3)):
     return np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
+
+
+def carla_publishers(peer):
+    """Publishers on the CARLA-bridge camera topics the YAML configs subscribe to, by nuScenes view name."""
+    return {camera: peer.node.create_publisher(Image, topic, RELIABLE) for camera, topic in carla_topics().items()}
+
+
+def publish_carla_set(publishers, stamp_ns, seed):
+    for camera, rgb in render(sample_scene(seed), list(publishers), 64, 96).items():
+        publishers[camera].publish(image_msg(rgb, stamp_ns, "bgra8", camera))
+
+
+def include_installed(launch_file, **arguments):
+    """The package's launch file as `ros2 launch owled_ros <file>` finds it (the ament index), with arguments."""
+    from ament_index_python.packages import get_package_share_directory
+    from launch.actions import IncludeLaunchDescription
+    from launch.launch_description_sources import PythonLaunchDescriptionSource
+
+    path = os.path.join(get_package_share_directory("owled_ros"), "launch", launch_file)
+    return IncludeLaunchDescription(PythonLaunchDescriptionSource(path), launch_arguments=arguments.items())

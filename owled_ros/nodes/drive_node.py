@@ -6,6 +6,7 @@ set (older unprocessed sets are dropped and counted) and answers queued question
 import collections
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
@@ -287,7 +289,10 @@ class DriveNode(Node):
 def spin(node_class):
     """Run a node until SIGINT/SIGTERM with a multi-threaded executor. A bad parameter or model stops it at
     start-up with one line and exit code 2."""
-    rclpy.init()
+    # Python's own SIGINT/SIGTERM handling instead of rclpy's, which invalidates the context at once: an
+    # inference in progress could not publish its result during the teardown below.
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
     try:
         node = node_class()
     except (ValueError, OSError) as error:
@@ -300,6 +305,10 @@ def spin(node_class):
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        # Ctrl-C on `ros2 launch` reaches the node twice (the terminal's process group, then launch):
+        # the second must not cut short the teardown that lets a running inference publish.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         node.destroy_node()
         rclpy.try_shutdown()
 

@@ -3,6 +3,7 @@ import time
 
 import rclpy
 from builtin_interfaces.msg import Time
+from rclpy.signals import SignalHandlerOptions
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
@@ -26,7 +27,7 @@ def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_time
     topics = topics or image_topics(bag)
     if not topics:
         raise ValueError(f"bag {bag} has no image topics")
-    rclpy.init()
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)  # Ctrl-C is a KeyboardInterrupt, handled below
     node = rclpy.create_node("owled_replay")
     qos = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
     publishers, published = {}, 0
@@ -50,7 +51,9 @@ def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_time
                 break
         time.sleep(0.5)  # let the last messages leave before the publishers go
         log(f"replayed {published} messages from {bag} on {len(publishers)} topics")
-        return published
+    except KeyboardInterrupt:  # Ctrl-C, or ros2 launch shutting down: a normal end for a player
+        log(f"interrupted after {published} messages from {bag}")
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
+    return published
