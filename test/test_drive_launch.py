@@ -36,6 +36,10 @@ def generate_test_description(source):
     return LaunchDescription([include_installed("drive.launch.py", **arguments), launch_testing.actions.ReadyToTest()])
 
 
+def complete_sets(peer):
+    return [p for p in peer.received["/owled/perception"] if sorted(p.cameras_used) == sorted(carla_topics())]
+
+
 class TestDriveLaunch(unittest.TestCase):
     def test_messages_arrive_for_camera_frames(self, source):
         peer = Peer("drive_launch_test")
@@ -44,19 +48,18 @@ class TestDriveLaunch(unittest.TestCase):
                 peer.collect(kind, topic)
             if source == "live":
                 cameras = carla_publishers(peer)
-                self.assertTrue(peer.wait_for_subscribers(cameras["CAM_BACK_RIGHT"], timeout=120), "node never subscribed")
+                self.assertTrue(all(peer.wait_for_subscribers(c, timeout=120) for c in cameras.values()), "node never subscribed")
                 for i in range(20):
                     publish_carla_set(cameras, 1_700_000_000 * 10**9 + i * 10**9, seed=i)
-                    peer.spin(1.0, until=lambda: peer.received["/owled/perception"])
-            peer.spin(120, until=lambda: peer.received["/owled/perception"] and peer.received["/owled/action"])
+                    peer.spin(1.0, until=lambda: complete_sets(peer))
+            peer.spin(120, until=lambda: complete_sets(peer) and peer.received["/owled/action"])
             asker = peer.node.create_publisher(Question, "/owled/questions", 10)
             peer.wait_for_subscribers(asker)
             asker.publish(Question(question_id="q1", category="perception", question="Is there a traffic light?"))
             peer.spin(60, until=lambda: peer.received["/owled/answers"]
                       and any(s.name == "owled_drive" for a in peer.received["/diagnostics"] for s in a.status))
-            perception = peer.received["/owled/perception"][0]
+            perception = complete_sets(peer)[0]  # (a first set may go out partial if views were lost in transit)
             self.assertIn(perception.header.stamp.sec, range(1_700_000_000, 1_700_000_020))  # a stamp it was sent
-            self.assertEqual(sorted(perception.cameras_used), sorted(carla_topics()))
             self.assertEqual(perception.model.model_id, "tiny-decoder")
             self.assertTrue(peer.received["/owled/action"][0].action_label)
             self.assertEqual(peer.received["/owled/answers"][0].question_id, "q1")

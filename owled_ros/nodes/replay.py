@@ -1,4 +1,6 @@
 """`owled replay BAG`: publish a rosbag2's camera topics live with the original timing (rate factor, loop)."""
+import signal
+import threading
 import time
 
 import rclpy
@@ -21,39 +23,41 @@ def to_ros(msgtype, message):
 
 
 def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_timeout=30.0, log=print):
-    """Publish the bag's image topics; returns the number of messages published."""
+    """Publish the bag's image topics; returns the number of messages published. SIGINT/SIGTERM (Ctrl-C, or
+    ros2 launch shutting down) end it normally, as any player."""
     if rate <= 0:
         raise ValueError(f"--rate must be positive, got {rate}")
     topics = topics or image_topics(bag)
     if not topics:
         raise ValueError(f"bag {bag} has no image topics")
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)  # Ctrl-C is a KeyboardInterrupt, handled below
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node("owled_replay")
     qos = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
     publishers, published = {}, 0
     try:
         end = time.monotonic() + wait_timeout
-        while True:
+        while not stop.is_set():
             first_ns, started = None, time.monotonic()
             for topic, timestamp, msgtype, message in camera_messages(bag, topics):
                 if topic not in publishers:
                     publishers[topic] = node.create_publisher(CompressedImage if msgtype == COMPRESSED else Image, topic, qos)
-                    while publishers[topic].get_subscription_count() < wait_subscribers and time.monotonic() < end:
+                    while (publishers[topic].get_subscription_count() < wait_subscribers and time.monotonic() < end
+                           and not stop.is_set()):
                         rclpy.spin_once(node, timeout_sec=0.05)
                 if first_ns is None:
                     first_ns, started = timestamp, time.monotonic()
-                delay = (timestamp - first_ns) / 1e9 / rate - (time.monotonic() - started)
-                if delay > 0:
-                    time.sleep(delay)
+                if stop.wait(max(0.0, (timestamp - first_ns) / 1e9 / rate - (time.monotonic() - started))):
+                    break
                 publishers[topic].publish(to_ros(msgtype, message))
                 published += 1
             if not loop:
                 break
-        time.sleep(0.5)  # let the last messages leave before the publishers go
-        log(f"replayed {published} messages from {bag} on {len(publishers)} topics")
-    except KeyboardInterrupt:  # Ctrl-C, or ros2 launch shutting down: a normal end for a player
-        log(f"interrupted after {published} messages from {bag}")
+        stop.wait(0.5)  # let the last messages leave before the publishers go
+        log(f"{'interrupted after' if stop.is_set() else 'replayed'} {published} messages from {bag} on {len(publishers)} topics")
+        return published
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
-    return published
