@@ -21,4 +21,4 @@ bench: setup
 	$(PY) bench/update_readme.py README.md
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) .venv-world

@@ -64,6 +64,17 @@ def cmd_calib_synth(args):
     print(f"wrote {len(samples)} synthetic frame sets to {args.out}")
 
 
+def cmd_calib_world(args):
+    from .data.bags import write_drive
+    from .data.metadrive_world import render_world
+
+    samples = render_world(args.out, seeds=(args.seed, args.count), shard_size=args.shard_size)
+    print(f"wrote {len(samples)} MetaDrive frame sets to {args.out}")
+    if args.bag:
+        write_drive(args.bag, ((s.stamp_ns, s.images()) for s in samples))
+        print(f"wrote them as a rosbag2 (CARLA bridge topics) to {args.bag}")
+
+
 def cmd_calib_from_bag(args):
     from .data.bags import carla_topics, import_bag
 
@@ -204,6 +215,13 @@ def parser():
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--vehicle", default="sim")
     s.set_defaults(func=cmd_calib_synth)
+    s = calib.add_parser("world", help="render MetaDrive scenes (six cameras, ground-truth QA) in the calibration format")
+    s.add_argument("out")
+    s.add_argument("--count", type=POSITIVE, default=64)
+    s.add_argument("--seed", type=number(int, 0), default=0, help="first scene seed; from 1000000 on: held-out maps")
+    s.add_argument("--shard-size", type=POSITIVE, default=64)
+    s.add_argument("--bag", help="also write the frame sets as a rosbag2 here")
+    s.set_defaults(func=cmd_calib_world)
     s = calib.add_parser("from-bag", help="turn a rosbag2's camera topics into a calibration set")
     s.add_argument("bag")
     s.add_argument("out")
@@ -264,7 +282,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, ChildProcessError) as error:
         print(f"owled {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -17,13 +17,15 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from owled_ros.data.calib import ShardWriter
+from owled_ros.data.calib import ShardWriter, read_samples
 from owled_ros.data.world import CAMERA_YAW_DEG, CAMERAS, LIGHT_STATES, Agent, Scene, qa
 
 SIZE = (128, 224)  # height, width: the default model's image size
@@ -130,11 +132,12 @@ class MetaDriveWorld:
         return scene, images
 
     def _teleport(self, rng):
-        """The ego somewhere on the map (not always at its start), on a lane of at least 40 m."""
+        """The ego somewhere on the map (not always at its start): at least 15 m into a lane and 20 m before
+        its end where the map has lanes of 50 m (objects are placed on the ego's lane segment and its neighbours)."""
         graph = self.env.engine.current_map.road_network.graph
-        lanes = [lane for ends in graph.values() for lanes in ends.values() for lane in lanes if lane.length >= 40]
-        lane = rng.choice(lanes)
-        along = rng.uniform(0, lane.length - 20)
+        every = [lane for ends in graph.values() for lanes in ends.values() for lane in lanes]
+        lane = rng.choice([lane for lane in every if lane.length >= 50] or [max(every, key=lambda lane: lane.length)])
+        along = rng.uniform(15, lane.length - 20) if lane.length >= 50 else lane.length / 3
         ego = self.env.vehicle
         ego.set_position(lane.position(along, 0))
         ego.set_heading_theta(lane.heading_theta_at(along))
@@ -170,7 +173,7 @@ class MetaDriveWorld:
             if along is None or not 0 <= along <= target.length:  # no such lane here, or off its road segment
                 continue
             vehicle = engine.spawn_object(rng.choice((SVehicle, MVehicle, LVehicle, XLVehicle)), vehicle_config={
-                "spawn_lane_index": target.index, "spawn_longitude": along, "need_navigation": False})
+                "spawn_lane_index": target.index, "spawn_longitude": along})  # with navigation: MetaDrive's traffic reuses it
             vehicle.set_velocity([math.cos(vehicle.heading_theta), math.sin(vehicle.heading_theta)], speed)
             self.spawned.append(vehicle)
         return crossing
@@ -248,6 +251,32 @@ def write(out, specs, shard_size=64, vehicle="metadrive", progress=True):
                 bar.update()
     bar.close()
     return written
+
+
+def world_python():
+    python = Path(os.environ.get("OWLED_WORLD_PYTHON") or Path(__file__).parents[2] / ".venv-world" / "bin" / "python")
+    if not python.exists():
+        raise FileNotFoundError(f"the MetaDrive venv's python was not found at {python}: run `make setup` "
+                                "(it makes .venv-world), or set OWLED_WORLD_PYTHON")
+    return python
+
+
+def render_world(out, seeds=None, specs=None, shard_size=64):
+    """From the main venv: render scenes (seeds = (first, count), or a list of Spec) into a calibration set at
+    `out` by running this module in the MetaDrive venv; returns the samples written."""
+    command = [str(world_python()), "-m", __name__, str(out), "--shard-size", str(shard_size)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if specs is not None:
+            path = Path(tmp) / "specs.json"
+            path.write_text(json.dumps([dataclasses.asdict(spec) for spec in specs]))
+            command += ["--specs", str(path)]
+        else:
+            command += ["--seeds", f"{seeds[0]}:{seeds[1]}"]
+        root = str(Path(__file__).parents[2])
+        done = subprocess.run(command, env=os.environ | {"PYTHONPATH": root}, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise ChildProcessError(f"the MetaDrive renderer failed (exit {done.returncode}); its messages are above")
+    return read_samples(out)
 
 
 def main(argv=None):
