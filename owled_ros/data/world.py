@@ -89,6 +89,14 @@ class Scene:
                 "agents": [asdict(a) | {"camera": camera_of(a)} for a in self.agents]}
 
 
+def scene_from_truth(truth, seed=0):
+    """The Scene a `Scene.truth()` dict (as stored in a QA set) describes: its QA and tags come out the same."""
+    agents = [Agent(**{k: (tuple(v) if k == "color" else v) for k, v in a.items() if k != "camera"}) for a in truth["agents"]]
+    distance = float("nan") if truth["light_distance"] is None else truth["light_distance"]
+    return Scene(seed=seed, ego_speed_mps=truth["ego_speed_mps"], agents=agents, light=truth["light"],
+                 light_distance=distance, stop_sign=truth["stop_sign"])
+
+
 def target_speed(action, ego_speed):
     return {"stop": 0.0, "slow_down": round(ego_speed / 2, 1)}.get(action, round(ego_speed, 1))
 

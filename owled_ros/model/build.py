@@ -1,7 +1,6 @@
 """Model construction: the embedded default (SmolLM2-135M-Instruct + image side aligned on the synthetic
 world) and the EM-VLM4AD family (T5 from a local directory, optional EM-VLM4AD checkpoint import)."""
 import importlib.util
-import logging
 import os
 import sys
 import random
@@ -11,12 +10,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
 
-from ..data.world import ACTIONS, LIGHT_STATES, qa, render, sample_scene
+from ..data.calib import read_samples
+from ..data.world import ACTIONS, LIGHT_STATES, qa, render, sample_scene, scene_from_truth
 from .vlm import CHATML, DrivingVLM, ModelLoadError, new_config
 
-log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "owled-smollm2-135m"
 BUILD_MINUTES = 8.0  # training budget of the default model on 2 CPU cores
@@ -127,25 +127,55 @@ def synthetic_scenes(count, seed, cameras, size):
     return scenes, [render(s, cameras, *size) for s in scenes]
 
 
-def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, probe_batch=16, log_every=10):
-    """Stage A: image side (stem, patch embedding, gated pooling, tag heads) on scene ground truth.
-    Stage B: answers through the LM; the image side is frozen but for the projection and the tag embeddings."""
+def rendered_scenes(root):
+    """(scenes, frame sets) of a calibration set with ground truth (e.g. the MetaDrive world's)."""
+    samples = [s for s in read_samples(root) if s.truth]
+    return [scene_from_truth(s.truth) for s in samples], [s.images() for s in samples]
+
+
+class Budget:
+    """Ends a training stage after a number of steps (reproducible) or, without one, a wall-clock time."""
+
+    def __init__(self, steps=None, minutes=None, desc=""):
+        self.steps, self.deadline = steps, None if steps else time.monotonic() + minutes * 60
+        self.bar = tqdm(total=steps, desc=desc, unit="step", disable=None, file=sys.stderr)
+        self.step = 0
+
+    def __bool__(self):
+        running = self.step < self.steps if self.steps else time.monotonic() < self.deadline
+        if not running:
+            self.bar.close()
+        return running
+
+    def done_one(self, loss):
+        self.step += 1
+        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        self.bar.update()
+
+
+def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, probe_batch=16, data=None, steps=None):
+    """Stage A: image side (stem or frozen pretrained backbone, patch embedding, gated pooling, tag heads) on
+    scene ground truth. Stage B: answers through the LM; the image side is frozen but for the projection and
+    the tag embeddings. data: (scenes, frame sets), default the 2-D world; steps: (stage A, stage B) steps,
+    default 45 % / 55 % of `minutes`."""
     torch.manual_seed(seed)
     random.seed(seed)
     vision = model.vision
-    size = (192, 336)
-    train, frames = synthetic_scenes(scenes, seed, model.cameras, size)
+    train, frames = data or synthetic_scenes(scenes, seed, model.cameras, (192, 336))
     with torch.no_grad():
         pixels, masks = zip(*(model.pixels(frames[i:i + 64]) for i in range(0, len(frames), 64)))
     pixels, masks = torch.cat(pixels), torch.cat(masks)
     camera_ids = torch.arange(len(model.cameras))
     targets = {k: torch.tensor([tag_targets(s)[k] for s in train]) for k in TAG_WORDS}
+    pretrained = model.config["vision"].get("backbone", "none") != "none"
 
-    deadline_a = time.monotonic() + minutes * 60 * 0.45
-    optimizer = torch.optim.AdamW(vision.parameters(), lr=1e-3, weight_decay=0.01)
+    budget = Budget(steps and steps[0], minutes * 0.45, "stage A (image side)")
     vision.train()
-    step = 0
-    while time.monotonic() < deadline_a:
+    if pretrained:  # ImageNet features as they are: frozen, BatchNorm statistics kept
+        vision.stem.requires_grad_(False)
+        vision.stem.eval()
+    optimizer = torch.optim.AdamW([p for p in vision.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    while budget:
         index = torch.randint(len(train), (probe_batch,))
         mask = masks[index] & (torch.rand(probe_batch, len(model.cameras)) > 0.15)  # views drop out, as they do on the road
         mask[~mask.any(1), 0] = True
@@ -154,11 +184,9 @@ def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, pr
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        step += 1
-        if step % (log_every * 5) == 0:
-            log.info("stage A step %d tag loss %.3f", step, loss.item())
+        budget.done_one(loss.item())
 
-    deadline_b = time.monotonic() + minutes * 60 * 0.55
+    budget = Budget(steps and steps[1], minutes * 0.55, "stage B (answers)")
     pairs = [(i, q) for i, s in enumerate(train) for q in qa(s)]
     vision.requires_grad_(False)
     tuned = [vision.img_projection_layer, vision.modal_embeddings, vision.tagger.tag_embeddings]
@@ -170,17 +198,14 @@ def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, pr
     model.lm.get_input_embeddings().weight.requires_grad_(False)
     model.lm.train()
     vision.eval()  # BatchNorm keeps the statistics of stage A
-    step = 0
-    while time.monotonic() < deadline_b:
+    while budget:
         chosen = random.sample(pairs, batch)
         loss = model([frames[i] for i, _ in chosen], [q["question"] for _, q in chosen], [q["answer"] for _, q in chosen])
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        step += 1
-        if step % log_every == 0:
-            log.info("stage B step %d answer loss %.3f", step, loss.item())
+        budget.done_one(loss.item())
     model.requires_grad_(True)
     return model.eval()
 

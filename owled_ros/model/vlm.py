@@ -16,13 +16,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, T5ForConditionalGeneration
 
 from .checkpoint import load_weights, save_weights, stored_shapes, unique_state_dict
-from .vision import MultiViewEncoder
+from .vision import BACKBONE_STRIDE, MultiViewEncoder
 
 FORMAT = "owled-vlm/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 NUSCENES_CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
-DEFAULT_VISION = {"cameras": NUSCENES_CAMERAS, "image_size": [128, 224], "patch": 32, "width": 256, "stem": [],
+DEFAULT_VISION = {"cameras": NUSCENES_CAMERAS, "image_size": [128, 224], "patch": 32, "width": 256, "stem": [], "backbone": "none",
                   "layers": 4, "heads": 4, "gpa_hidden": 128, "projection": True, "tags": {}, "tag_hidden": 256,
                   "mean": [0.5] * 3, "std": [0.5] * 3}
 CHATML = {"before": "<|im_start|>user\n", "after": "<|im_end|>\n<|im_start|>assistant\n", "end": "<|im_end|>"}
@@ -310,6 +310,10 @@ def check_config(config, shapes, path):
     need(isinstance(vision["image_size"], list) and len(vision["image_size"]) == 2 and
          all(type(v) is int and v >= vision["patch"] for v in vision["image_size"]),
          f"vision.image_size {vision['image_size']!r} is not two integers of at least one patch")
+    need(vision["backbone"] in ("none", *BACKBONE_STRIDE), f"vision.backbone {vision['backbone']!r} is not one of "
+         f"{['none', *BACKBONE_STRIDE]}")
+    need(vision["backbone"] == "none" or vision["patch"] == BACKBONE_STRIDE[vision["backbone"]],
+         f"vision.patch {vision['patch']!r} must equal the backbone's stride")
     stacks = {"vision.blocks": vision["layers"]}
     lm = config["lm"]
     if config["family"] == "t5":
