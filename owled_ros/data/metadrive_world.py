@@ -172,8 +172,8 @@ class MetaDriveWorld:
             along = None if target is None else target.local_coordinates(ego.position)[0] + forward
             if along is None or not 0 <= along <= target.length:  # no such lane here, or off its road segment
                 continue
-            vehicle = engine.spawn_object(rng.choice((SVehicle, MVehicle, LVehicle, XLVehicle)), vehicle_config={
-                "spawn_lane_index": target.index, "spawn_longitude": along})  # with navigation: MetaDrive's traffic reuses it
+            vehicle = engine.spawn_object(placed_class(rng.choice((SVehicle, MVehicle, LVehicle, XLVehicle))),
+                                          vehicle_config={"spawn_lane_index": target.index, "spawn_longitude": float(along)})
             vehicle.set_velocity([math.cos(vehicle.heading_theta), math.sin(vehicle.heading_theta)], speed)
             self.spawned.append(vehicle)
         return crossing
@@ -189,6 +189,17 @@ class MetaDriveWorld:
         self.env.engine.graphicsEngine.renderFrame()
         bgr = sensor.get_pixels_array(self.env.vehicle, clip=False)
         return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
+_PLACED = {}
+
+
+def placed_class(vehicle_class):
+    """A subclass per vehicle model for the vehicles placed here: MetaDrive recycles cleared objects by class
+    name, and its traffic manager must not get ours (nor we its own) back with the other's configuration."""
+    if vehicle_class not in _PLACED:
+        _PLACED[vehicle_class] = type(f"Placed{vehicle_class.__name__}", (vehicle_class,), {})
+    return _PLACED[vehicle_class]
 
 
 def neighbour_lane(engine, ego, lane, lanes_left):
@@ -215,7 +226,7 @@ def ground_truth(engine, ego, crossing_ids, seed):
     scene = Scene(seed=seed, ego_speed_mps=float(ego.speed))
     lights = []
     for obj in engine.get_objects().values():
-        kind = type(obj).__name__
+        kind = type(obj).__name__.removeprefix("Placed")
         if obj is ego or not hasattr(obj, "position"):
             continue
         x, y = to_ego(ego, obj.position)

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.world import (ACTION_TEXT, ACTIONS, LEAD_STATES, LIGHT_STATES, MAX_PEDESTRIANS, MAX_VEHICLES, count_text,
-                          crossing_answer, lead_answer, light_answer)
+from ..data.world import (ACTION_TEXT, ACTIONS, LEAD_STATES, LIGHT_STATES, count_text, crossing_answer, lead_answer,
+                          light_answer)
+
+# the counts offered as candidates: as many as the MetaDrive world shows within 30 m (the 2-D world, fewer)
+MAX_VEHICLES, MAX_PEDESTRIANS = 12, 8
 
 
 @dataclass(frozen=True)

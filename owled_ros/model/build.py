@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGe
 
 from ..data.calib import read_samples
 from ..data.world import ACTIONS, LIGHT_STATES, qa, render, sample_scene, scene_from_truth
+from .vision import load_backbone_weights
 from .vlm import CHATML, DrivingVLM, ModelLoadError, new_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,14 +39,21 @@ def load_smollm2():
     return lm, tokenizer
 
 
-def default_model_untrained():
+# Image sides of the default model: a conv stem trained from scratch (before the patch embedding), or
+# MobileNetV2's ImageNet features (frozen) in its place.
+IMAGE_SIDES = {"stem": {"stem": [16, 32, 64]}, "mobilenet_v2": {"stem": [], "backbone": "mobilenet_v2"} | IMAGENET}
+
+
+def default_model_untrained(image_side="stem"):
     lm, tokenizer = load_smollm2()
     # Conv stem + patch embedding + gated pooling + projection: vision transformer blocks trained from scratch,
     # and a bare linear patch embedding, did not learn the scenes within the few-minute CPU budget.
-    vision = {"layers": 0, "stem": [16, 32, 64], "tags": {name: len(words) for name, words in TAG_WORDS.items()}}
+    vision = {"layers": 0, "tags": {name: len(words) for name, words in TAG_WORDS.items()}} | IMAGE_SIDES[image_side]
     model = DrivingVLM(new_config("decoder", DEFAULT_MODEL_ID, vision=vision, prompt=CHATML), lm, tokenizer)
     nn.init.zeros_(model.vision.modal_embeddings.weight)  # start from the LM's own text embeddings
     init_tag_embeddings(model)
+    if vision.get("backbone"):
+        load_backbone_weights(model.vision)
     return model
 
 
@@ -99,7 +107,7 @@ def import_emvlm4ad(checkpoint, t5_dir, model_id="em-vlm4ad-t5"):
 
 # ----- aligning the default model on the synthetic world -----
 # Scene tags of the default model: per tag, the words its classes start from (as they appear in the answers).
-TAG_WORDS = {"n_cars": ["0", "1", "2", "3", "4", "5"], "n_pedestrians": ["0", "1", "2", "3", "4"],
+TAG_WORDS = {"n_cars": [str(n) for n in range(10)], "n_pedestrians": [str(n) for n in range(6)],
              "light": [" no", " red", " yellow", " green"], "action": ["Keep", "Slow", "Stop", "Change"],
              "lead": [" no", " moving", " stopped"], "crossing": ["No", "Yes"]}
 
@@ -108,7 +116,7 @@ def tag_targets(scene):
     """Class index of every scene tag (TAG_WORDS order) from the scene's ground truth."""
     truth = scene.truth()
     lead = scene.lead_vehicle()
-    return {"n_cars": min(truth["n_cars"], 5), "n_pedestrians": min(truth["n_pedestrians"], 4),
+    return {"n_cars": min(truth["n_cars"], 9), "n_pedestrians": min(truth["n_pedestrians"], 5),
             "light": ["none", *LIGHT_STATES].index(scene.light), "action": ACTIONS.index(scene.action),
             "lead": 0 if lead is None else 1 + (not lead.moving), "crossing": int(any(a.crossing for a in scene.agents))}
 
@@ -171,9 +179,13 @@ def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, pr
 
     budget = Budget(steps and steps[0], minutes * 0.45, "stage A (image side)")
     vision.train()
-    if pretrained:  # ImageNet features as they are: frozen, BatchNorm statistics kept
-        vision.stem.requires_grad_(False)
-        vision.stem.eval()
+    backbone = vision.stem
+    if pretrained:  # ImageNet features as they are (frozen, BatchNorm statistics kept): computed once
+        backbone.requires_grad_(False)
+        backbone.eval()
+        with torch.no_grad():
+            pixels = torch.cat([backbone(chunk.flatten(0, 1)).unflatten(0, chunk.shape[:2]) for chunk in pixels.split(32)])
+        vision.stem = nn.Identity()  # stage A then reads the cached features in place of the pixels
     optimizer = torch.optim.AdamW([p for p in vision.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
     while budget:
         index = torch.randint(len(train), (probe_batch,))
@@ -186,6 +198,7 @@ def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, pr
         optimizer.step()
         budget.done_one(loss.item())
 
+    vision.stem = backbone
     budget = Budget(steps and steps[1], minutes * 0.55, "stage B (answers)")
     pairs = [(i, q) for i, s in enumerate(train) for q in qa(s)]
     vision.requires_grad_(False)
