@@ -33,17 +33,15 @@ def image_message(rgb, stamp_ns, frame_id, encoding="bgra8"):
                  data=np.frombuffer(data, np.uint8))
 
 
-def write_drive(path, frame_sets, storage="sqlite3"):
-    """A multi-camera drive as a rosbag2 with CARLA-bridge topics (bgra8, as the bridge sends).
+def write_drive(path, frame_sets, storage="sqlite3", cameras=CAMERAS):
+    """A multi-camera drive as a rosbag2 with the cameras' CARLA-bridge topics (bgra8, as the bridge sends).
     frame_sets: iterable of (stamp_ns, {camera: RGB uint8}); a camera missing from a set is not written."""
     topics = carla_topics()
     plugin = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}[storage]
     with Writer(Path(path), version=9, storage_plugin=plugin) as writer:
-        connections = {}
+        connections = {c: writer.add_connection(topics[c], IMAGE, typestore=TYPESTORE) for c in cameras}
         for stamp_ns, images in frame_sets:
             for camera, rgb in images.items():
-                if camera not in connections:
-                    connections[camera] = writer.add_connection(topics[camera], IMAGE, typestore=TYPESTORE)
                 message = image_message(rgb, stamp_ns, f"ego_vehicle/{CARLA_SENSOR[camera]}")
                 writer.write(connections[camera], stamp_ns, TYPESTORE.serialize_cdr(message, IMAGE))
     return Path(path)
@@ -53,7 +51,7 @@ def write_synthetic_drive(path, frames=20, rate_hz=2.0, seed=0, cameras=CAMERAS,
     """A short drive through the 2-D world (data/world.py) as a rosbag2."""
     frame_sets = ((1_700_000_000 * 10**9 + int(i * 1e9 / rate_hz), render(sample_scene(seed * 1_000_003 + i), cameras, *size))
                   for i in range(frames))
-    return write_drive(path, frame_sets, storage)
+    return write_drive(path, frame_sets, storage, cameras)
 
 
 class BagError(ValueError):
