@@ -25,11 +25,13 @@ from owled_ros.model.build import IMAGE_SIDES, align_default, default_model_untr
 METRICS = [f"{field.name}_acc" for field in FIELDS] + ["closed_mean_acc"]
 
 
-def run(image_side, data, heldout, steps, seed):
+def run(image_side, data, heldout, steps, seed, save=None):
     torch.manual_seed(seed)
     start = time.monotonic()
     model = align_default(default_model_untrained(image_side), data=data, steps=steps, seed=seed)
     seconds = time.monotonic() - start
+    if save:
+        model.save_pretrained(Path(save) / image_side)
     with torch.no_grad():
         real, blank = closed(model, heldout), closed(model, heldout, blank=True)
     trainable = sum(p.numel() for name, p in model.vision.named_parameters()
@@ -66,10 +68,11 @@ def main():
     parser.add_argument("--heldout-count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--save", help="keep both aligned models here (<dir>/stem, <dir>/mobilenet_v2)")
     args = parser.parse_args()
     data = rendered_scenes(args.train)
     heldout = read_samples(args.heldout)[:args.heldout_count]
-    runs = [run(side, data, heldout, tuple(args.steps), args.seed) for side in ("stem", "mobilenet_v2")]
+    runs = [run(side, data, heldout, tuple(args.steps), args.seed, args.save) for side in ("stem", "mobilenet_v2")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"train_frame_sets": len(data[0]), "heldout_frame_sets": len(heldout), "steps": args.steps,
