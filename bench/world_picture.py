@@ -39,8 +39,9 @@ def main():
         axis.axis("off")
     text = figure.add_subplot(2, 1, 2)
     text.axis("off")
-    rows = [f"Q: {q['question']}\n   model: {a}\n   truth: {q['answer']}" for q, a in zip(sample.qa, answers)]
-    text.text(0, 1, "\n".join(textwrap.fill(r, 140, subsequent_indent="          ") for r in rows), va="top",
+    lines = [line for q, a in zip(sample.qa, answers)
+             for line in (f"Q: {q['question']}", f"   model: {a}", f"   truth: {q['answer']}")]
+    text.text(0, 1, "\n".join(textwrap.fill(line, 150, subsequent_indent="          ") for line in lines), va="top",
               family="monospace", fontsize=8.5)
     figure.suptitle(f"{sample.id} ({sample.source}), model {model.config['model_id']}", fontsize=10)
     figure.tight_layout()
