@@ -1,4 +1,4 @@
-"""ros2 launch owled_ros drive.launch.py [model_dir:=DIR] [input:=live|bag] [bag:=PATH] [rate:=1.0]
+"""ros2 launch owled_ros drive.launch.py [model_dir:=DIR] [input:=live|bag] [bag:=PATH] [rate:=1.0] [dds_profile:=XML]
 [discovery_range:=LOCALHOST|SUBNET]"""
 from launch import LaunchDescription
 

@@ -1,5 +1,5 @@
 """ros2 launch owled_ros record.launch.py output_dir:=DIR [vehicle_id:=ID] [input:=live|bag] [bag:=PATH]
-[rate:=1.0] [discovery_range:=LOCALHOST|SUBNET]"""
+[rate:=1.0] [discovery_range:=LOCALHOST|SUBNET] [dds_profile:=XML]"""
 from launch import LaunchDescription
 
 from owled_ros.nodes.launching import input_actions, node

@@ -59,5 +59,8 @@ def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_time
         log(f"{'interrupted after' if stop.is_set() else 'replayed'} {published} messages from {bag} on {len(publishers)} topics")
         return published
     finally:
+        # the work is done: a signal that comes now (launch shutting down) must not kill the interpreter's exit
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         node.destroy_node()
         rclpy.try_shutdown()
