@@ -13,6 +13,7 @@ lead vehicle. Ground truth is read back from the engine's objects, in the ego fr
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -191,26 +192,21 @@ class MetaDriveWorld:
         return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
-_PLACED = {}
-
-
+@functools.cache
 def placed_class(vehicle_class):
     """A subclass per vehicle model for the vehicles placed here: MetaDrive recycles cleared objects by class
     name, and its traffic manager must not get ours (nor we its own) back with the other's configuration."""
-    if vehicle_class not in _PLACED:
-        _PLACED[vehicle_class] = type(f"Placed{vehicle_class.__name__}", (vehicle_class,), {})
-    return _PLACED[vehicle_class]
+    return type(f"Placed{vehicle_class.__name__}", (vehicle_class,), {})
 
 
 def neighbour_lane(engine, ego, lane, lanes_left):
     """The lane of the ego's road whose centre is `lanes_left` lane widths to the ego lane's left, if any."""
     s, _ = lane.local_coordinates(ego.position)
-    width = lane.width_at(s)
+    wanted = to_ego(ego, lane.position(s, 0))[1] + lanes_left * lane.width_at(s)
     lanes = engine.current_map.road_network.graph[lane.index[0]][lane.index[1]]
-    offsets = {candidate.index: to_ego(ego, candidate.position(s, 0))[1] - to_ego(ego, lane.position(s, 0))[1]
-               for candidate in lanes}
-    index = min(offsets, key=lambda i: abs(offsets[i] - lanes_left * width))
-    return next(c for c in lanes if c.index == index) if abs(offsets[index] - lanes_left * width) < 1.0 else None
+    miss = {candidate: abs(to_ego(ego, candidate.position(s, 0))[1] - wanted) for candidate in lanes}
+    best = min(miss, key=miss.get)
+    return best if miss[best] < 1.0 else None
 
 
 def to_ego(ego, position):

