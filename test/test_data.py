@@ -41,15 +41,19 @@ def test_bag_import_names_a_missing_topic(tmp_path):
         import_bag(bag, tmp_path / "calib", {"CAM_BACK": carla_topics()["CAM_BACK"]})
 
 
-def test_replay_delivers_every_message_in_order(tmp_path):
+def test_replay_waits_for_every_topic_then_delivers_every_message_in_order(tmp_path):
     frames = 6
     bag = write_synthetic_drive(tmp_path / "bag", frames=frames, rate_hz=10, size=(64, 96))
     peer = Peer("replay_test")
+    *early, late = carla_topics().values()
     try:
-        for topic in carla_topics().values():
+        for topic in early:
             peer.collect(Image, topic, RELIABLE)
         player = subprocess.Popen([sys.executable, "-m", "owled_ros.cli", "replay", str(bag), "--rate", "2",
                                    "--wait-subscribers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        peer.spin(5)  # one camera not yet subscribed: nothing may be published (it would make partial frame sets)
+        assert not any(peer.received.values())
+        peer.collect(Image, late, RELIABLE)
         peer.spin(60, until=lambda: all(len(v) == frames for v in peer.received.values()))
         output, _ = player.communicate(timeout=30)
         assert player.returncode == 0, output

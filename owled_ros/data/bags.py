@@ -73,8 +73,9 @@ def open_bag(bag):
 
 
 def image_topics(bag):
+    """{topic: message type} of the bag's image topics, sorted by topic."""
     with open_bag(bag) as reader:
-        return sorted({c.topic for c in reader.connections if c.msgtype in (IMAGE, COMPRESSED)})
+        return dict(sorted({c.topic: c.msgtype for c in reader.connections if c.msgtype in (IMAGE, COMPRESSED)}.items()))
 
 
 def camera_messages(bag, topics):

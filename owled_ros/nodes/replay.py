@@ -27,26 +27,30 @@ def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_time
     ros2 launch shutting down) end it normally, as any player."""
     if rate <= 0:
         raise ValueError(f"--rate must be positive, got {rate}")
-    topics = topics or image_topics(bag)
-    if not topics:
+    types = image_topics(bag)
+    if not types:
         raise ValueError(f"bag {bag} has no image topics")
+    topics = topics or list(types)
+    if set(topics) - set(types):
+        raise ValueError(f"bag {bag} has no image topic(s) {sorted(set(topics) - set(types))}; it has {list(types)}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node("owled_replay")
     qos = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
-    publishers, published = {}, 0
+    published = 0
     try:
+        # every topic is matched before the first message: a camera discovered late would make partial frame sets
+        publishers = {t: node.create_publisher(CompressedImage if types.get(t) == COMPRESSED else Image, t, qos)
+                      for t in topics}
         end = time.monotonic() + wait_timeout
+        while (min(p.get_subscription_count() for p in publishers.values()) < wait_subscribers
+               and time.monotonic() < end and not stop.is_set()):
+            rclpy.spin_once(node, timeout_sec=0.05)
         while not stop.is_set():
             first_ns, started = None, time.monotonic()
             for topic, timestamp, msgtype, message in camera_messages(bag, topics):
-                if topic not in publishers:
-                    publishers[topic] = node.create_publisher(CompressedImage if msgtype == COMPRESSED else Image, topic, qos)
-                    while (publishers[topic].get_subscription_count() < wait_subscribers and time.monotonic() < end
-                           and not stop.is_set()):
-                        rclpy.spin_once(node, timeout_sec=0.05)
                 if first_ns is None:
                     first_ns, started = timestamp, time.monotonic()
                 if stop.wait(max(0.0, (timestamp - first_ns) / 1e9 / rate - (time.monotonic() - started))):
