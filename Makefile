@@ -17,13 +17,15 @@ test: setup
 bench: setup
 	$(PY) bench/text_check.py --out bench/results
 	[ -d bench/results/work-world-train ] || $(VENV)/bin/owled calib world bench/results/work-world-train --count 704 --seed 0
-	[ -d bench/results/work-world-heldout ] || $(VENV)/bin/owled calib world bench/results/work-world-heldout --count 128 --seed 1000000
+	[ -d bench/results/work-world-heldout ] || $(VENV)/bin/owled calib world bench/results/work-world-heldout --count 200 --seed 1000000
+	[ -d bench/results/work-world-calib ] || $(VENV)/bin/owled calib world bench/results/work-world-calib --count 32 --seed 1500000
 	$(PY) bench/encoder_choice.py --train bench/results/work-world-train --heldout bench/results/work-world-heldout \
-		--steps 300 200 --heldout-count 128 --out bench/results --save bench/results/work-encoder-choice
-	$(PY) bench/world_picture.py --model bench/results/work-encoder-choice/mobilenet_v2 \
+		--steps 300 400 --heldout-count 200 --out bench/results --save bench/results/work-encoder-choice
+	$(PY) bench/world_picture.py --model default \
 		--frames bench/results/work-world-heldout --index 3 --out docs/metadrive_frame_set.png
-	$(VENV)/bin/owled bench --out bench/results
+	$(VENV)/bin/owled bench --out bench/results --calib bench/results/work-world-calib --eval bench/results/work-world-heldout
 	$(PY) bench/drive_node.py --out bench/results
+	$(PY) bench/default_model.py --out bench/results
 	$(PY) bench/update_readme.py README.md
 
 clean:

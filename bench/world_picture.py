@@ -1,7 +1,7 @@
 """One held-out MetaDrive frame set as a picture: the six views, and per question the model's answer beside
 the ground truth.
 
-    python bench/world_picture.py --model DIR --frames HELDOUT [--index 0] --out docs/metadrive_frame_set.png
+    python bench/world_picture.py [--model default|DIR] --frames HELDOUT [--index 0] --out docs/metadrive_frame_set.png
 """
 import argparse
 import textwrap
@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from owled_ros.data.calib import read_samples  # noqa: E402
+from owled_ros.model.build import resolve_model  # noqa: E402
 from owled_ros.model.vlm import DrivingVLM  # noqa: E402
 
 LAYOUT = ["CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT"]
@@ -20,14 +21,14 @@ LAYOUT = ["CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CA
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", default="default")
     parser.add_argument("--frames", required=True)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--out", default="docs/metadrive_frame_set.png")
     args = parser.parse_args()
     sample = read_samples(args.frames)[args.index]
     images = sample.images()
-    model = DrivingVLM.from_pretrained(args.model)
+    model = DrivingVLM.from_pretrained(resolve_model(args.model))
     with torch.no_grad():
         answers = model.answer([images] * len(sample.qa), [q["question"] for q in sample.qa], max_new_tokens=32)
     figure = plt.figure(figsize=(12, 8.2))

@@ -7,38 +7,34 @@ import os
 import sys
 from pathlib import Path
 
-from .model.build import BUILD_MINUTES, resolve_model
+from .model.build import resolve_model
 from .pruning.engine import ALLOCATIONS, OUTLIER_RATIOS, PRUNERS
 from .pruning.run import METHODS
 
 
 def cmd_build_default(args):
-    from .model.build import build_default, default_model_dir
+    from .model.build import BUILD, DEFAULT_SHA256, DEFAULT_WEIGHTS, build_default
 
-    out = Path(args.out) if args.out else default_model_dir()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model = build_default(out, args.minutes)
-    print(f"{model.model_id} ready in {out}")
+    digest = build_default(args.out, args.frames, BUILD | {"steps": args.steps} if args.steps else BUILD)
+    same = "the same as" if digest == DEFAULT_SHA256 else "not the shipped file (llvmpipe renders differ slightly):"
+    print(f"{Path(args.out) / DEFAULT_WEIGHTS.name}: SHA-256 {digest}, {same} {DEFAULT_SHA256}\n"
+          f"model directory (--model {args.out}) and the shippable file are in {args.out}")
 
 
 def cmd_answer(args):
     from .data.calib import read_samples
-    from .data.world import CAMERAS, qa, render, sample_scene
+    from .data.metadrive_world import DEMO_FRAMES
     from .model.vlm import DrivingVLM
 
     model = DrivingVLM.from_pretrained(resolve_model(args.model))
-    if args.frames:
-        samples = read_samples(args.frames)
-        if args.index >= len(samples):
-            raise ValueError(f"--index {args.index} is out of range: {args.frames} has {len(samples)} frame sets")
-        sample = samples[args.index]
-        frames, pairs = sample.images(), sample.qa
-    else:
-        scene = sample_scene(args.seed)
-        frames, pairs = render(scene, CAMERAS), qa(scene)
-    questions = [args.question] if args.question else [p["question"] for p in pairs]
-    answers, seconds = model.timed_answer([frames] * len(questions), questions, args.max_new_tokens)
-    reference = {p["question"]: p.get("answer", "") for p in pairs}
+    frames = args.frames or DEMO_FRAMES
+    samples = read_samples(frames)
+    if args.index >= len(samples):
+        raise ValueError(f"--index {args.index} is out of range: {frames} has {len(samples)} frame sets")
+    sample = samples[args.index]
+    questions = [args.question] if args.question else [p["question"] for p in sample.qa]
+    answers, seconds = model.timed_answer([sample.images()] * len(questions), questions, args.max_new_tokens)
+    reference = {p["question"]: p.get("answer", "") for p in sample.qa}
     for question, answer in zip(questions, answers):
         print(json.dumps({"question": question, "answer": answer, "reference": reference.get(question, "")}))
     print(f"# {model.model_id}: {len(questions)} answers in {seconds:.2f} s", file=sys.stderr)
@@ -48,7 +44,7 @@ def cmd_prune(args):
     from .pruning.run import prune
 
     logging.getLogger("owled_ros.pruning").setLevel(logging.INFO)  # per-block targets, achieved, outlier ratios
-    report = prune(resolve_model(args.model), args.out, args.method, args.sparsity, args.calib, args.nm, args.M,
+    report = prune(args.model, args.out, args.method, args.sparsity, args.calib, args.nm, args.M,
                    args.lam, args.nsamples, args.seed, pruner=args.pruner, allocation=args.allocation,
                    outlier_ratio=args.outlier_ratio)
     achieved = report["achieved"]
@@ -107,7 +103,7 @@ def cmd_replay(args):
 def cmd_demo(args):
     from .nodes.demo import run_demo
 
-    run_demo(Path(args.workdir), args.frames, args.sparsity)
+    run_demo(Path(args.workdir), args.sparsity)
 
 
 def cmd_eval(args):
@@ -140,7 +136,7 @@ def cmd_bench(args):
     from .eval.bench import run_bench
 
     run_bench(resolve_model(args.model), args.out, nsamples=args.nsamples, eval_frames=args.eval_frames,
-              generated_frames=args.generated_frames)
+              generated_frames=args.generated_frames, calib=args.calib, eval_set=args.eval)
 
 
 class Parser(argparse.ArgumentParser):
@@ -175,16 +171,16 @@ def parser():
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("build-default", help="build the embedded default model (SmolLM2 + aligned image side)")
-    s.add_argument("--out", help="model directory (default: the cache)")
-    s.add_argument("--minutes", type=number(float, 0.0, open_low=True), default=BUILD_MINUTES, help="training budget")
+    s = sub.add_parser("build-default", help="rebuild the shipped default model (renders MetaDrive scenes, aligns)")
+    s.add_argument("--out", default="runs/build-default", help="directory for the model and the shippable file")
+    s.add_argument("--frames", help="rendered training scenes to use (default: render them into OUT/training-scenes)")
+    s.add_argument("--steps", type=POSITIVE, nargs=2, metavar=("A", "B"), help="stage A and B steps (default: the recipe's)")
     s.set_defaults(func=cmd_build_default)
 
     s = sub.add_parser("answer", help="answer driving questions about a frame set")
     s.add_argument("--model", default="default")
-    s.add_argument("--frames", help="calibration/QA set to take the frame set from (default: a synthetic scene)")
+    s.add_argument("--frames", help="calibration/QA set to take the frame set from (default: the shipped MetaDrive scenes)")
     s.add_argument("--index", type=COUNT, default=0)
-    s.add_argument("--seed", type=int, default=424242, help="synthetic scene seed")
     s.add_argument("--question")
     s.add_argument("--max-new-tokens", type=POSITIVE, default=48)
     s.set_defaults(func=cmd_answer)
@@ -267,11 +263,12 @@ def parser():
     s.add_argument("--nsamples", type=POSITIVE, default=32)
     s.add_argument("--eval-frames", type=POSITIVE, default=200, help="held-out frame sets for the closed questions")
     s.add_argument("--generated-frames", type=COUNT, default=20, help="of which answers are generated (language metrics)")
+    s.add_argument("--calib", help="calibration frame sets (default: synthetic 2-D ones)")
+    s.add_argument("--eval", help="held-out frame sets with ground truth (default: synthetic 2-D ones)")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("demo", help="the whole loop on the default model: drive bag -> recorder -> OWLed -> drive node")
+    s = sub.add_parser("demo", help="the whole loop on the default model: MetaDrive drive bag -> recorder -> OWLed -> drive node")
     s.add_argument("--workdir", default="runs/demo")
-    s.add_argument("--frames", type=POSITIVE, default=16)
     s.add_argument("--sparsity", default="0.5")
     s.set_defaults(func=cmd_demo)
     return p

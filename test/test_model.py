@@ -79,11 +79,17 @@ def test_alignment_teaches_the_tags_and_lowers_the_answer_loss():
         return answer.item(), sum(torch.nn.functional.cross_entropy(logits[k], targets[k]).item() for k in logits)
 
     answer_before, tags_before = losses()
-    align_default(model, scenes=12, steps=(60, 30))  # steps, not minutes: the same training on a busy machine
+    lm_before = {n: p.clone() for n, p in model.lm.named_parameters()}
+    _, adapter = align_default(model, scenes=12, steps=(60, 30))
     answer_after, tags_after = losses()
     assert tags_after < 0.8 * tags_before
-    assert answer_after < answer_before - 0.1  # a random tiny LM at the real LM learning rate: slow but steady
+    assert answer_after < answer_before - 0.1  # a random tiny LM through the adapter: slow but steady
     assert not model.training and all(p.requires_grad for p in model.parameters())
+    # the LM learnt through the adapter, now merged: same parameter names, only the adapted linears changed
+    assert dict(model.lm.named_parameters()).keys() == lm_before.keys()
+    changed = {n for n, p in model.lm.named_parameters() if not torch.equal(p, lm_before[n])}
+    assert changed and all(n.endswith("proj.weight") for n in changed)
+    assert {k.split(".lora_")[0] + ".weight" for k in adapter} == {"model." + n for n in changed}
 
 
 def test_gated_pooling_ignores_missing_views(frames):

@@ -35,6 +35,8 @@ CAMERA_PITCH_DEG = -6.0
 MOUNT_FORWARD_M, MOUNT_BACK_M, MOUNT_HEIGHT_M = 1.0, 2.4, 1.5  # front views from the windscreen, back views from the tail
 MAP_SEEDS = 200  # distinct procedural maps for training scenes; held-out scenes get 200 others
 HELDOUT_SEED = 1_000_000  # scene seeds from here on are held out (evaluation, demo, bench)
+# shipped: 12 held-out scenes, `owled calib world DIR --count 12 --seed 2000000 --shard-size 12`
+DEMO_FRAMES = Path(__file__).with_name("demo_world")
 WARMUP_STEPS = (5, 40)  # physics steps of traffic before the cameras fire
 MOVING_MPS = 0.5
 LIGHT_STATUS = {1: "green", 2: "red", 3: "yellow"}  # TrafficLightStatus

