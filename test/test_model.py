@@ -27,7 +27,7 @@ def same_outputs(a, b, frames):
 
 def test_t5_family_saves_reloads_and_gives_identical_outputs(tmp_path, frames):
     model = tiny_t5(tmp_path)
-    assert set(model.components()) == {"vision", "vision.fusion", "llm.encoder", "llm.decoder"}
+    assert set(model.components()) == {"vision.encoder", "vision", "vision.fusion", "llm.encoder", "llm.decoder"}
     model.save_pretrained(tmp_path / "saved")
     same_outputs(model, DrivingVLM.from_pretrained(tmp_path / "saved"), frames)
 

@@ -1,4 +1,5 @@
 """Pruning engine: masks, allocation, Wanda by hand, sequential propagation, components, checkpoint, CLI errors."""
+import copy
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from torch import nn
 from models import tiny_decoder
 from owled_ros.data.calib import write_synthetic
 from owled_ros.model.checkpoint import load_weights, save_weights
+from owled_ros.model.vision import load_backbone_weights
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.pruning.engine import PruneSpec, prune_model
 from owled_ros.pruning.run import prune
@@ -323,3 +325,102 @@ def test_block_reruns_see_their_own_keys_and_values_and_grow_no_cache(family, tm
         value.weight.zero_()
     assert not torch.allclose(run_block(block, inputs[0], args, kwargs), first)
     assert not any(type(v).__name__.endswith("Cache") for v in list(args) + list(kwargs.values()))  # nothing to grow
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def conv_toy(conv):
+    model = Toy()
+    model.blocks = nn.ModuleList([ConvBlock(conv)])
+    return model
+
+
+def test_wanda_scores_a_convolution_by_the_input_norm_at_each_kernel_position():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=False)
+    samples = [torch.randn(2, 3, 9, 11) * torch.tensor([3.0, 1.0, 0.2]).view(1, 3, 1, 1) for _ in range(3)]
+    weight = conv.weight.detach().clone()
+    # by hand: the squared input seen by weight [o, c, i, j] over every output position, from the padded input
+    out_h, out_w = conv(samples[0]).shape[2:]
+    sq = torch.zeros(3, 3, 3)
+    for x in samples:
+        padded = nn.functional.pad(x, (1, 1, 1, 1))
+        for i in range(3):
+            for j in range(3):
+                seen = padded[:, :, i:i + 2 * (out_h - 1) + 1:2, j:j + 2 * (out_w - 1) + 1:2]
+                sq[:, i, j] += (seen ** 2).sum((0, 2, 3))
+    scores = weight.abs() * sq.sqrt()[None]
+    expected = weight.reshape(5, -1).clone()
+    expected[row_mask(scores.reshape(5, -1), 0.5)] = 0
+    model = conv_toy(conv)
+    records = prune_model(model, samples, run, PruneSpec("wanda", "uniform", {"llm": 0.5}), progress=False)
+    assert torch.equal(conv.weight.detach().reshape(5, -1), expected)
+    assert records[0].layers["conv"] == (5 * int(27 * 0.5), 5 * 27)
+
+
+def test_depthwise_convolutions_stay_dense():
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    before = conv.weight.detach().clone()
+    records = prune_model(conv_toy(conv), [torch.randn(1, 4, 6, 6)], run, PruneSpec("wanda", "uniform", {"llm": 0.5}),
+                          progress=False)
+    assert torch.equal(conv.weight, before) and records[0].layers == {}
+
+
+@pytest.mark.parametrize("index", [0, 18])  # the 3x3 convolution on RGB, the last 1x1 convolution (320 -> 1280)
+def test_sparsegpt_reconstructs_a_mobilenet_v2_convolution_better_than_wanda(index):
+    from owled_ros.data.calib import read_samples
+    from owled_ros.data.metadrive_world import DEMO_FRAMES
+    from owled_ros.model.build import IMAGENET
+    from owled_ros.model.vision import mobilenet_v2
+
+    features, _ = mobilenet_v2()
+    holder = nn.Module()
+    holder.stem = features
+    load_backbone_weights(holder)
+    features.eval()
+    mean, std = (torch.tensor(IMAGENET[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    frames = [torch.from_numpy(np.stack(list(s.images().values()))).permute(0, 3, 1, 2) / 255 for s in read_samples(DEMO_FRAMES)[:3]]
+    with torch.no_grad():
+        samples = [features[:index]((x - mean) / std) for x in frames]  # the block's real inputs
+    errors = {}
+    for pruner in ("wanda", "sparsegpt"):
+        block = copy.deepcopy(features[index])
+        prune_model(conv_toy(block), samples, run, PruneSpec(pruner, "uniform", {"llm": 0.5}), progress=False)
+        conv = block[0]
+        assert (conv.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+        with torch.no_grad():
+            errors[pruner] = sum(torch.linalg.norm(features[index](x) - block(x)).item() for x in samples)
+    assert errors["sparsegpt"] < 0.7 * errors["wanda"], errors
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_the_mobilenet_v2_encoder_is_pruned_layer_by_layer_and_reloads(tmp_path, method):
+    from models import TINY_BACKBONE_VISION
+
+    model = tiny_decoder(vision=TINY_BACKBONE_VISION)
+    load_backbone_weights(model.vision)
+    model.save_pretrained(tmp_path / "model")
+    write_synthetic(tmp_path / "calib", 8, seed=5)
+    dense = dict(model.named_modules())
+    report = prune(tmp_path / "model", tmp_path / "out", method, "vision=0.5", tmp_path / "calib", nsamples=8,
+                   progress=False)
+    assert report["achieved"]["vision.encoder"] == pytest.approx(0.5, abs=0.01)
+    pruned = DrivingVLM.from_pretrained(tmp_path / "out")
+    convs = {n: m for n, m in pruned.vision.named_modules() if isinstance(m, nn.Conv2d)}
+    assert len(convs) == 53  # MobileNetV2's 52 convolutions and the patch embedding
+    for name, conv in convs.items():
+        rows = conv.weight.reshape(conv.out_channels, -1)
+        if conv.groups > 1:
+            assert torch.equal(conv.weight, dense[f"vision.{name}"].weight), name
+        elif method == "wanda":  # per output row
+            assert ((rows == 0).sum(1) == int(rows.shape[1] * 0.5)).all(), name
+        else:  # per block of columns
+            assert (rows == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), name
+    assert all((p != 0).all() for n, p in pruned.lm.named_parameters() if n.endswith("proj.weight"))  # vision only

@@ -1,10 +1,10 @@
 """Weights on disk: dense safetensors, or the sparse-bitmask layout for pruned weights.
 
 Sparse layout (our own, in safetensors; compressed-tensors dropped its sparse compressors): a pruned
-2-D weight W (rows x cols) is stored as
+weight W, seen as rows x cols (a convolution's out x in·kh·kw), is stored as
     <name>.values   the nonzero entries of W in row-major order (W's dtype)
     <name>.bitmask  uint8 (rows x ceil(cols / 8)), bit j of row i set where W[i, j] is nonzero (big-endian bits)
-    <name>.shape    int64 (2,)
+    <name>.shape    int64, W's shape
 At 50 % sparsity in fp32 that is 4.125 instead of 8 bytes per two weights. Loading rebuilds W bit for bit.
 """
 import json
@@ -25,18 +25,20 @@ def _nonzero_bits(weight):
 
 
 def compress(weight):
-    mask = _nonzero_bits(weight)
+    rows = weight.reshape(weight.shape[0], -1)
+    mask = _nonzero_bits(rows)
     packed = np.packbits(mask.numpy(), axis=1)
-    return {".values": weight[mask].contiguous(), ".bitmask": torch.from_numpy(packed),
+    return {".values": rows[mask].contiguous(), ".bitmask": torch.from_numpy(packed),
             ".shape": torch.tensor(weight.shape, dtype=torch.int64)}
 
 
 def decompress(values, bitmask, shape):
-    rows, cols = shape.tolist()
+    shape = shape.tolist()
+    cols = int(np.prod(shape[1:]))
     mask = torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=1, count=cols).astype(bool))
-    weight = torch.zeros(rows, cols, dtype=values.dtype)
+    weight = torch.zeros(shape[0], cols, dtype=values.dtype)
     weight[mask] = values
-    return weight
+    return weight.reshape(shape)
 
 
 def unique_state_dict(module):

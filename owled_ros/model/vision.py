@@ -39,8 +39,8 @@ def conv_stem(channels):
     """Stride-2 3x3 conv + BatchNorm + ReLU per entry of channels ("early convolutions", Xiao et al. 2021):
     a nonlinear front for the linear patch embedding, so small objects (a lit lamp, brake lights) survive it."""
     layers, width = [], 3
-    for out in channels:
-        layers += [nn.Conv2d(width, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+    for out in channels:  # one block per convolution, as the pruner goes block by block
+        layers.append(nn.Sequential(nn.Conv2d(width, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()))
         width = out
     return nn.Sequential(*layers), width
 

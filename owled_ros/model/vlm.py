@@ -55,9 +55,11 @@ class DrivingVLM(nn.Module):
         return self.config.get("compression", {"method": "dense", "sparsity": 0.0})
 
     def components(self):
-        """Prunable stacks of blocks by component name, in forward order. The image side is its transformer
-        blocks (if any) and the fusion unit (gated pooling + projection)."""
-        parts = {"vision": self.vision.blocks, "vision.fusion": [self.vision.fusion]}
+        """Prunable stacks of blocks by component name, in forward order. The image side is its encoder (the
+        CNN backbone's or conv stem's blocks, then the patch embedding), its transformer blocks (if any) and
+        the fusion unit (gated pooling + projection)."""
+        parts = {"vision.encoder": [*self.vision.stem, self.vision.conv_proj], "vision": self.vision.blocks,
+                 "vision.fusion": [self.vision.fusion]}
         if self.is_t5:
             parts |= {"llm.encoder": self.lm.encoder.block, "llm.decoder": self.lm.decoder.block}
         else:

@@ -289,10 +289,13 @@ class DriveNode(Node):
 def spin(node_class):
     """Run a node until SIGINT/SIGTERM with a multi-threaded executor. A bad parameter or model stops it at
     start-up with one line and exit code 2."""
-    # Python's own SIGINT/SIGTERM handling instead of rclpy's, which invalidates the context at once: an
-    # inference in progress could not publish its result during the teardown below.
+    # Our own SIGINT/SIGTERM handling instead of rclpy's, which invalidates the context at once (an inference
+    # in progress could not publish its result during the teardown below), and instead of KeyboardInterrupt,
+    # which can land inside the executor while it holds a lock that the teardown then waits for.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
     try:
         node = node_class()
     except (ValueError, OSError) as error:
@@ -301,14 +304,16 @@ def spin(node_class):
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
+    except ExternalShutdownException:
         pass
     finally:
         # Ctrl-C on `ros2 launch` reaches the node twice (the terminal's process group, then launch):
         # the second must not cut short the teardown that lets a running inference publish.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
 

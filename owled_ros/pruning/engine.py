@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -87,13 +88,14 @@ class BlockRecord:
 
 
 class InputStats:
-    """Calibration inputs of one linear layer: per-feature sum of squares (Wanda), and XᵀX (SparseGPT)."""
+    """Calibration inputs of one layer as rows of its matrix's input features: per-feature sum of squares
+    (Wanda), and XᵀX (SparseGPT)."""
 
-    def __init__(self, hessian):
-        self.sq, self.xtx, self.hessian = 0, 0, hessian
+    def __init__(self, module, hessian):
+        self.module, self.sq, self.xtx, self.hessian = module, 0, 0, hessian
 
     def add(self, x):
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = input_rows(self.module, x.detach()).float()
         self.sq = self.sq + (x * x).sum(0)
         if self.hessian:
             self.xtx = self.xtx + x.T @ x
@@ -103,8 +105,27 @@ class StopForward(Exception):
     pass
 
 
-def linears(block):
-    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+def prunable(block):
+    """The layers pruned as matrices: linears, and convolutions as linears over their unfolded inputs (a
+    weight out x in·kh·kw). Depthwise and other grouped convolutions stay dense: each output sees only its
+    own few inputs, and they hold a small share of a CNN's weights."""
+    return {name: module for name, module in block.named_modules()
+            if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)}
+
+
+def matrix(module):
+    """The layer's weight as (outputs, input features): a view, so pruning it prunes the layer."""
+    return module.weight.view(module.weight.shape[0], -1)
+
+
+def input_rows(module, x):
+    """A layer's input as (tokens, input features) matching matrix(module): a convolution's input unfolded
+    into its receptive fields (channel-major, then kernel row and column, as the weight is laid out)."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(f"cannot unfold the input of {module}: only explicit zero padding is supported")
+        x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+    return x.reshape(-1, x.shape[-1])
 
 
 def group_of(component):
@@ -162,8 +183,8 @@ def block_outputs(block, inputs, calls, stats=None, hessian=False):
     """Outputs of a block for every sample; with stats (a dict), collect every linear's InputStats in it."""
     handles = []
     if stats is not None:
-        for name, module in linears(block).items():
-            stats[name] = InputStats(hessian)
+        for name, module in prunable(block).items():
+            stats[name] = InputStats(module, hessian)
             handles.append(module.register_forward_hook(lambda _, args, __, s=stats[name]: s.add(args[0])))
     try:
         with torch.no_grad():
@@ -176,20 +197,20 @@ def block_outputs(block, inputs, calls, stats=None, hessian=False):
 def prune_layer(module, stats, pruner, sparsity, nm):
     """Zero the weights the pruner picks: the lowest |W| or Wanda scores per row (or per N:M group), or
     SparseGPT's choice with the kept weights updated to reconstruct the layer's output."""
+    weight = matrix(module)
     if pruner == "sparsegpt":
-        sparsegpt_(module.weight, stats.xtx, sparsity or 0.0, nm)
+        sparsegpt_(weight, stats.xtx, sparsity or 0.0, nm)
         return
-    weight = module.weight.detach()
-    scores = weight.abs() if pruner == "magnitude" else wanda_scores(weight, stats.sq)
+    scores = weight.detach().abs() if pruner == "magnitude" else wanda_scores(weight.detach(), stats.sq)
     mask = nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
     with torch.no_grad():
-        module.weight[mask] = 0
+        weight[mask] = 0
 
 
 def prune_block(block, stats, plan, pruner):
-    """Prune every linear of a block by its (sparsity, nm) in plan; returns {name: (zeros, numel)}."""
+    """Prune every layer of a block by its (sparsity, nm) in plan; returns {name: (zeros, numel)}."""
     result = {}
-    for name, module in linears(block).items():
+    for name, module in prunable(block).items():
         sparsity, nm = plan[name]
         if nm or sparsity > 0:
             prune_layer(module, stats.get(name), pruner, sparsity, nm)
@@ -206,7 +227,7 @@ def outlier_pass(model, components, samples, run, spec, progress=True):
         for index, block in enumerate(tqdm(blocks, desc=f"outliers {component}", leave=False, disable=not progress)):
             stats = {}
             outputs = block_outputs(block, inputs, calls[index], stats)
-            scores = {name: wanda_scores(m.weight.detach(), stats[name].sq) for name, m in linears(block).items()}
+            scores = {name: wanda_scores(matrix(m).detach(), stats[name].sq) for name, m in prunable(block).items()}
             found[component].append(Outliers(outlier_ratio(scores.values(), spec.m_factor),
                                              {name: outlier_ratio([s], spec.m_factor) for name, s in scores.items()}))
             inputs = outputs
@@ -216,16 +237,18 @@ def outlier_pass(model, components, samples, run, spec, progress=True):
 def allocate(component, blocks, outliers, spec):
     """Per block, {linear name: (sparsity, nm)} for one component; (0, None) leaves a linear dense."""
     target = spec.targets[group_of(component)]
-    layers = [linears(b) for b in blocks]
+    layers = [prunable(b) for b in blocks]
     if spec.nm:
         full = 1 - spec.nm[0] / spec.nm[1]
+        # a layer whose input features do not split into groups of M (a 3x3 conv on RGB: 27) stays dense
+        layers = [{name: m for name, m in block.items() if matrix(m).shape[1] % spec.nm[1] == 0} for block in layers]
         chosen = {(i, name) for i, block in enumerate(layers) for name in block}
         if target < full - 1e-9:  # OWL: the layers with fewest outliers take the pattern, the rest stay dense
             kind = spec.outlier_ratio
             chosen = nm_selection([((i, name), module.weight.numel(), (outliers[i].block_ratio(kind), outliers[i].per_layer[name]))
                                    for i, block in enumerate(layers) for name, module in block.items()], target, *spec.nm)
-        return [{name: (None, spec.nm) if (i, name) in chosen else (0.0, None) for name in block}
-                for i, block in enumerate(layers)]
+        return [{name: (None, spec.nm) if (i, name) in chosen else (0.0, None) for name in prunable(b)}
+                for i, b in enumerate(blocks)]
     if not spec.outlier_weighted:
         return [{name: (target, None) for name in block} for block in layers]
     sizes = [sum(m.weight.numel() for m in block.values()) for block in layers]
@@ -234,9 +257,9 @@ def allocate(component, blocks, outliers, spec):
 
 
 def planned_sparsity(block, plan):
-    sizes = {name: m.weight.numel() for name, m in linears(block).items()}
+    sizes = {name: m.weight.numel() for name, m in prunable(block).items()}
     removed = sum(sizes[name] * (1 - nm[0] / nm[1] if nm else sparsity) for name, (sparsity, nm) in plan.items())
-    return removed / sum(sizes.values())
+    return removed / max(1, sum(sizes.values()))
 
 
 def prune_model(model, samples, run, spec, progress=True):

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..model.build import resolve_model
 from ..model.vlm import DrivingVLM
 from . import calibration
-from .engine import PruneSpec, achieved, linears, prune_model
+from .engine import PruneSpec, achieved, prunable, prune_model
 
 GROUPS = ("llm", "vision")
 # --method presets: (pruner, allocation, the calibration data its name promises, or None for any)
@@ -138,7 +138,7 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
 def pruned_weight_names(model, records):
     components = model.components()
     names = {id(module): name for name, module in model.named_modules()}
-    return {f"{names[id(linears(components[r.component][r.index])[layer])]}.weight" for r in records for layer in r.layers}
+    return {f"{names[id(prunable(components[r.component][r.index])[layer])]}.weight" for r in records for layer in r.layers}
 
 
 def make_report(model, records, method, spec, info, nsamples):
