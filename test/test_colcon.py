@@ -75,7 +75,13 @@ def test_ros2_launch_from_the_install_space_answers_a_bag_and_stops_on_sigint(wo
         peer.close()
         time.sleep(1.0)
         launch.send_signal(signal.SIGINT)
-        output, _ = launch.communicate(timeout=120)
+        try:
+            output, _ = launch.communicate(timeout=120)
+        except subprocess.TimeoutExpired as timeout:
+            os.killpg(launch.pid, signal.SIGKILL)  # nothing of it may outlive the test and talk to the next ones
+            launch.communicate()
+            seen = timeout.output.decode(errors="replace") if isinstance(timeout.output, bytes) else timeout.output or ""
+            raise AssertionError(f"ros2 launch did not stop within 120 s of SIGINT:\n{seen[-4000:]}") from None
     assert launch.returncode == 0, output[-4000:]
     assert "[drive_node-1]: process has finished cleanly" in output, output[-4000:]
 
