@@ -26,7 +26,10 @@ def in_workspace(workspace, command, **kwargs):
     setup = f"source {workspace}/install/setup.bash && " if (workspace / "install").exists() else ""
     env = os.environ | {"CMAKE_PREFIX_PATH": str(VENV), "AMENT_PREFIX_PATH": str(VENV),
                         "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}"}
+    # SIGINT as a terminal gives it: a suite started in the background inherits it ignored, and ros2 launch
+    # then leaves it ignored (Ctrl-C would not stop it)
     return subprocess.Popen(["bash", "-c", setup + command], cwd=workspace, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
