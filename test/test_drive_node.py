@@ -133,7 +133,7 @@ def test_a_burst_faster_than_inference_drops_frames_instead_of_queueing(model_di
         peer.spin(20, until=lambda: any(p.header.stamp.sec == 129 for p in peer.received["/owled/perception"]))
         processed = [p.header.stamp.sec for p in peer.received["/owled/perception"]]
         assert processed[-1] == 129  # the newest set is processed soon after the burst
-        assert time.monotonic() - burst_end < 5
+        assert time.monotonic() - burst_end < 12  # queueing all 30 at max_rate_hz 2 would take 15 s
         assert len(processed) < len(sent) / 2
         peer.spin(5, until=lambda: int(latest_stats(peer).get("dropped_frame_sets", 0)) > 0)
         stats = latest_stats(peer)

@@ -48,6 +48,8 @@ def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_time
         while (min(p.get_subscription_count() for p in publishers.values()) < wait_subscribers
                and time.monotonic() < end and not stop.is_set()):
             rclpy.spin_once(node, timeout_sec=0.05)
+        if wait_subscribers:
+            stop.wait(0.5)  # discovery is one-sided for a moment: the readers may not know this writer yet
         while not stop.is_set():
             first_ns, started = None, time.monotonic()
             for topic, timestamp, msgtype, message in camera_messages(bag, topics):
