@@ -279,11 +279,8 @@ def build_default(out, frames=None, recipe=BUILD):
 
 
 def sha256(path):
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_default(path=DEFAULT_WEIGHTS, expected_sha256=DEFAULT_SHA256):

@@ -42,7 +42,7 @@ def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_time
     published = 0
     try:
         # every topic is matched before the first message: a camera discovered late would make partial frame sets
-        publishers = {t: node.create_publisher(CompressedImage if types.get(t) == COMPRESSED else Image, t, qos)
+        publishers = {t: node.create_publisher(CompressedImage if types[t] == COMPRESSED else Image, t, qos)
                       for t in topics}
         end = time.monotonic() + wait_timeout
         while (min(p.get_subscription_count() for p in publishers.values()) < wait_subscribers
