@@ -77,3 +77,21 @@ def test_the_default_answers_about_the_shipped_metadrive_frames(default):
     questions = [next(p["question"] for p in s.qa if p["kind"] == "planning") for s in scenes[:4]]
     answers = default.answer([s.images() for s in scenes[:4]], questions, 24)
     assert all(any(answer.startswith(text) for text in ACTION_TEXT.values()) for answer in answers), answers
+
+
+def test_questions_about_one_frame_set_share_one_image_pass_and_answer_as_if_asked_alone(default):
+    first, second = (s.images() for s in read_samples(DEMO_FRAMES)[:2])
+    questions = ["What are the important objects in the current scene?", "What should the ego vehicle do?",
+                 "What is the state of the traffic light?", "What should the ego vehicle do?"]
+    encoded, timing = [], {}
+    hook = default.vision.register_forward_hook(lambda module, args, output: encoded.append(args[0].shape[0]))
+    try:
+        together = default.answer([first, first, first, second], questions, 48, timing)
+    finally:
+        hook.remove()
+    assert encoded == [2]  # two frame sets, one pass
+    alone = [default.answer([images], [question], 48)[0] for images, question in zip([first] * 3 + [second], questions)]
+    assert together == alone
+    longest = max(len(default.tokenizer(a)["input_ids"]) for a in alone)
+    assert longest < timing["decode_steps"] < 48  # stopped at the last answer's end, not at max_new_tokens
+    assert all(timing[k] > 0 for k in ("encode_s", "prefill_s", "decode_s"))

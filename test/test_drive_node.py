@@ -67,6 +67,14 @@ def test_frames_in_messages_out_with_stamps_and_questions(model_dir, peer, tmp_p
         assert perception.description and action.rationale and action.action_label
         assert sorted(perception.cameras_used) == sorted(NAMES) and not perception.cameras_missing
         assert perception.header.frame_id == "front"
+        peer.spin(5, until=lambda: "p50_s.decode_s" in latest_stats(peer))
+        stats = {k: float(v) for k, v in latest_stats(peer).items() if k.startswith(("p50_s.", "latency_"))}
+        stages = ["convert_s", "queue_s", "encode_s", "prefill_s", "decode_s", "decode_per_token_s", "publish_s"]
+        assert all(stats[f"p50_s.{stage}"] > 0 for stage in stages), stats
+        # one frame set: its model stages add up to no more than its model latency
+        model_stages = sum(stats[f"p50_s.{stage}"] for stage in ("encode_s", "prefill_s", "decode_s"))
+        assert model_stages <= stats["latency_p50_s"] <= model_stages + 0.5, stats
+        assert stats["p50_s.transport_s"] > 3600  # the test's stamps are from 2023: stamp -> callback, as promised
 
         asker = peer.node.create_publisher(Question, "/owled/questions", 10)
         peer.wait_for_subscribers(asker)
@@ -190,12 +198,13 @@ def test_long_questions_are_refused_and_flooded_ones_counted(model_dir, peer, tm
         assert stop_node(node) == 0
 
 
-def test_cameras_the_model_does_not_know_stop_the_node_at_start_up(model_dir, tmp_path):
-    names = "[CAM_FRONT,CAM_ROOF,CAM_FRONT_LEFT]"
-    node = start_node("owled_ros.nodes.drive_node", params(model_dir, camera_names=names), tmp_path / "node.log")
+@pytest.mark.parametrize("extra, words", [({"camera_names": "[CAM_FRONT,CAM_ROOF,CAM_FRONT_LEFT]"}, ["CAM_ROOF", "camera_names"]),
+                                          ({"dtype": "float16"}, ["dtype", "float16", "bfloat16"])])
+def test_unknown_cameras_or_a_bad_dtype_stop_the_node_at_start_up(model_dir, tmp_path, extra, words):
+    node = start_node("owled_ros.nodes.drive_node", params(model_dir, **extra), tmp_path / "node.log")
     assert node.wait(timeout=60) == 2
     errors = [line for line in (tmp_path / "node.log").read_text().splitlines() if "error" in line]
-    assert len(errors) == 1 and "CAM_ROOF" in errors[0] and "camera_names" in errors[0]
+    assert len(errors) == 1 and all(word in errors[0] for word in words), errors
 
 
 def test_a_failing_worker_reports_the_error_and_keeps_serving(model_dir, peer, tmp_path):

@@ -10,6 +10,7 @@ class FrameSet:
     images: dict  # camera -> RGB array
     missing: list = field(default_factory=list)
     frame_id: str = ""
+    timing: dict = field(default_factory=dict)  # seconds per stage before inference, filled by the receiver
 
 
 class FrameSync:

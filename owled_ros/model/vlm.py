@@ -90,11 +90,12 @@ class DrivingVLM(nn.Module):
 
     def image_tokens(self, frames):
         pixels, mask = self.pixels(frames)
-        camera_ids = torch.arange(len(self.cameras))
-        return self.vision(pixels, camera_ids, mask)
+        weight = self.vision.conv_proj.weight  # the model's device and dtype (float32, bfloat16)
+        camera_ids = torch.arange(len(self.cameras), device=weight.device)
+        return self.vision(pixels.to(weight), camera_ids, mask.to(weight.device))
 
     def _text_embeddings(self, ids):
-        embedded = self.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+        embedded = self.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.lm.device))
         return embedded + self.vision.modal_embeddings.weight[0]
 
     def _encode(self, text):
@@ -132,7 +133,7 @@ class DrivingVLM(nn.Module):
     def _pad(sequences, left):
         longest = max(len(s) for s in sequences)
         embeds = sequences[0].new_zeros(len(sequences), longest, sequences[0].shape[-1])
-        mask = torch.zeros(len(sequences), longest, dtype=torch.long)
+        mask = torch.zeros(len(sequences), longest, dtype=torch.long, device=embeds.device)
         for i, s in enumerate(sequences):
             span = slice(longest - len(s), longest) if left else slice(0, len(s))
             embeds[i, span], mask[i, span] = s, 1
@@ -166,14 +167,50 @@ class DrivingVLM(nn.Module):
 
     # ----- inference -----
     @torch.inference_mode()
-    def answer(self, frames, questions, max_new_tokens=48):
-        """Greedy answers, one per (frame set, question). frames: list of {camera: RGB array}."""
-        inputs, _ = self._batch(frames, questions)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        stop = [self.tokenizer.eos_token_id] + self._encode(self.config["prompt"]["end"])
-        output = self.lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                  eos_token_id=[t for t in stop if t is not None])
-        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in output]
+    def answer(self, frames, questions, max_new_tokens=48, timing=None):
+        """Greedy answers, one per (frame set, question). frames: list of {camera: RGB array}; a frame set
+        given for several questions (the same dict) is encoded once, and for the decoder the prompt head it
+        shares with them (chat header + image tokens) runs once, its KV cache copied to each question.
+        timing: a dict that receives seconds per stage (encode_s, prefill_s, decode_s) and decode_steps."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        clock = Stopwatch(timing)
+        unique = list({id(f): f for f in frames}.values())
+        frame_of = torch.tensor([[id(u) for u in unique].index(id(f)) for f in frames])
+        images = self.image_tokens(unique)
+        clock.lap("encode_s")
+        stop = {t for t in [self.tokenizer.eos_token_id] + self._encode(self.config["prompt"]["end"]) if t is not None}
+        if self.is_t5:
+            inputs = self._pad([self._prompt(images[f], q) for f, q in zip(frame_of.tolist(), questions)], left=False)
+            pad = self.tokenizer.pad_token_id
+            output = self.lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                      eos_token_id=sorted(stop))
+            clock.lap("decode_s")
+            return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in output]
+        shared = torch.stack([self._prompt_parts(image, "")[0] for image in images])
+        head = self.lm.base_model(inputs_embeds=shared, use_cache=True)
+        own = self._pad([self._prompt_parts(images[f], q)[1] for f, q in zip(frame_of.tolist(), questions)], left=True)
+        mask = torch.cat([own["attention_mask"].new_ones(len(questions), shared.shape[1]), own["attention_mask"]], 1)
+        step = self.lm(inputs_embeds=own["inputs_embeds"], attention_mask=mask, use_cache=True, logits_to_keep=1,
+                       position_ids=mask.cumsum(1)[:, shared.shape[1]:] - 1,
+                       past_key_values=select_cache(head.past_key_values, frame_of))
+        clock.lap("prefill_s")
+        answers, finished = [[] for _ in questions], torch.zeros(len(questions), dtype=torch.bool)
+        position = mask.sum(1, keepdim=True)
+        for steps in range(1, max_new_tokens + 1):
+            token = step.logits[:, -1].argmax(-1)
+            finished |= torch.tensor([t in stop for t in token.tolist()])
+            for i in torch.nonzero(~finished).flatten().tolist():
+                answers[i].append(int(token[i]))
+            if finished.all() or steps == max_new_tokens:
+                break  # no forward pass for a token that would not be used
+            # generated tokens are embedded as text, the way answers were during training
+            mask = torch.cat([mask, mask.new_ones(len(questions), 1)], 1)
+            step = self.lm(inputs_embeds=self._text_embeddings(token[:, None].tolist()), attention_mask=mask,
+                           position_ids=position, past_key_values=step.past_key_values, use_cache=True)
+            position = position + 1
+        clock.lap("decode_s", decode_steps=steps)
+        return [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
 
     @torch.inference_mode()
     def continuation_logprobs(self, frame_sets, requests):
@@ -349,6 +386,19 @@ def check_values(state, skeleton, path):
             raise ModelLoadError(f"{path}: {name} holds {tensor.dtype}, the model needs {expected[name].dtype}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ModelLoadError(f"{path}: {name} holds NaN or infinite values")
+
+
+class Stopwatch:
+    """Seconds between laps, added into a caller's dict (or into nothing)."""
+
+    def __init__(self, into=None):
+        self.into, self.last = into if into is not None else {}, time.perf_counter()
+
+    def lap(self, name, **counts):
+        now = time.perf_counter()
+        self.into[name] = self.into.get(name, 0.0) + now - self.last
+        self.into.update(counts)
+        self.last = now
 
 
 def select_cache(cache, rows):

@@ -38,6 +38,7 @@ ACTION_CODES = {"keep_lane": PredictedAction.ACTION_KEEP_LANE, "slow_down": Pred
 CARLA_TOPICS = ["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
                 "/carla/ego_vehicle/rgb_front_right/image", "/carla/ego_vehicle/rgb_back/image",
                 "/carla/ego_vehicle/rgb_back_left/image", "/carla/ego_vehicle/rgb_back_right/image"]
+DTYPES = ("float32", "bfloat16")
 NUSCENES_CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
 
 
@@ -77,6 +78,7 @@ class CameraInput:
         self.sync = FrameSync([name for _, name, _ in self.cameras], node.get_parameter("sync_slop_s").value,
                               node.get_parameter("view_timeout_s").value)
         self.bad_images = collections.Counter()
+        self.arrivals = {}  # camera -> (seconds from its stamp to its callback, seconds converting it)
         self.max_pixels = node.get_parameter("max_image_pixels").value
         qos = camera_qos(node)
         for topic, name, transport in self.cameras:
@@ -86,6 +88,7 @@ class CameraInput:
         node.create_timer(0.05, self.on_timer)
 
     def on_image(self, msg, camera, compressed):
+        received, started = time.time(), time.perf_counter()
         try:
             rgb = to_rgb(msg, compressed, self.max_pixels)
         except ImageError as error:
@@ -94,15 +97,23 @@ class CameraInput:
                                            throttle_duration_sec=2.0)
             return
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        # camera stamp -> callback: transport time where the cameras stamp with this host's clock
+        self.arrivals[camera] = (received - stamp / 1e9, time.perf_counter() - started)
         frame_set = self.sync.add(camera, stamp, rgb, msg.header.frame_id)
         if frame_set is not None:
-            self.on_frame_set(frame_set)
+            self.hand_on(frame_set)
 
     def on_timer(self):
         frame_set = self.sync.poll()
         if frame_set is not None:
             self.node.get_logger().warning(f"partial frame set, missing {frame_set.missing}", throttle_duration_sec=5.0)
-            self.on_frame_set(frame_set)
+            self.hand_on(frame_set)
+
+    def hand_on(self, frame_set):
+        views = [self.arrivals[camera] for camera in frame_set.images]
+        frame_set.timing = {"transport_s": max(age for age, _ in views), "convert_s": sum(s for _, s in views),
+                            "ready": time.monotonic()}
+        self.on_frame_set(frame_set)
 
 
 def stamp_msg(stamp_ns):
@@ -114,6 +125,7 @@ class DriveNode(Node):
         super().__init__("owled_drive")
         self.declare_parameter("model_dir", "default")
         self.declare_parameter("device", "cpu")
+        self.declare_parameter("dtype", "float32")  # float32 | bfloat16 (bench/drive_node.py measures both)
         self.declare_parameter("max_new_tokens", 48)
         self.declare_parameter("max_rate_hz", 1.0)
         self.declare_parameter("perception_question", "What are the important objects in the current scene?")
@@ -123,10 +135,15 @@ class DriveNode(Node):
         self.declare_parameter("max_question_chars", 1000)  # longer questions are refused and counted
         param = lambda name: self.get_parameter(name).value
 
+        import torch  # here, not at the top: the recorder node imports this module and needs no torch
+
         from owled_ros.model.build import resolve_model
         from owled_ros.model.vlm import DrivingVLM
 
-        self.model = DrivingVLM.from_pretrained(resolve_model(param("model_dir"))).to(param("device"))
+        if param("dtype") not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {param('dtype')!r}")
+        model = DrivingVLM.from_pretrained(resolve_model(param("model_dir")))
+        self.model = model.to(param("device"), getattr(torch, param("dtype")))
         self.model_lock = threading.Lock()
         self.max_question_chars = param("max_question_chars")
         compression = self.model.compression
@@ -136,6 +153,7 @@ class DriveNode(Node):
         self.max_new_tokens, self.min_period = param("max_new_tokens"), 1.0 / param("max_rate_hz")
         self.perception_question, self.action_question = param("perception_question"), param("action_question")
         self.latencies = collections.deque(maxlen=param("latency_window"))
+        self.stages = collections.defaultdict(lambda: collections.deque(maxlen=param("latency_window")))
         self.questions = collections.deque(maxlen=param("question_queue"))
         self.processed = 0
         self.counts = collections.Counter()  # dropped/refused questions, worker errors
@@ -162,10 +180,11 @@ class DriveNode(Node):
                                f"{self.model_info.sparsity:.3f}) on cameras {[c for _, c, _ in self.cameras.cameras]}")
 
     # ----- inference (worker thread) -----
-    def infer(self, frame_set, questions):
+    def infer(self, frame_set, questions, timing=None):
+        """The questions about one frame set: its images are encoded once, the shared prompt head run once."""
         with self.model_lock:
             start = time.perf_counter()
-            answers = self.model.answer([frame_set.images] * len(questions), questions, self.max_new_tokens)
+            answers = self.model.answer([frame_set.images] * len(questions), questions, self.max_new_tokens, timing)
             return answers, time.perf_counter() - start
 
     def work(self):
@@ -195,11 +214,19 @@ class DriveNode(Node):
         return Header(stamp=stamp_msg(frame_set.stamp_ns), frame_id=frame_set.frame_id)
 
     def process(self, frame_set):
-        (description, action_text), latency = self.infer(frame_set, [self.perception_question, self.action_question])
+        timing = {k: v for k, v in frame_set.timing.items() if k != "ready"}
+        timing["queue_s"] = time.monotonic() - frame_set.timing.get("ready", time.monotonic())
+        (description, action_text), latency = self.infer(frame_set, [self.perception_question, self.action_question], timing)
         self.latencies.append(latency)
         self.processed += 1
+        started = time.perf_counter()
         self.perception_pub.publish(self.perception_message(frame_set, description, latency))
         self.action_pub.publish(self.action_message(frame_set, action_text, latency))
+        timing["publish_s"] = time.perf_counter() - started
+        if timing.get("decode_steps"):
+            timing["decode_per_token_s"] = timing["decode_s"] / timing.pop("decode_steps")
+        for stage, seconds in timing.items():
+            self.stages[stage].append(seconds)
 
     def perception_message(self, frame_set, description, latency):
         parsed = parse_description(description)
@@ -267,6 +294,7 @@ class DriveNode(Node):
                 "bad_images": sum(self.cameras.bad_images.values()),
                 **{f"bad_images.{k}": v for k, v in sorted(self.cameras.bad_images.items())},
                 "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
+                **{f"p50_s.{stage}": float(np.percentile(values, 50)) for stage, values in sorted(self.stages.items())},
                 "model_id": self.model_info.model_id, "method": self.model_info.method,
                 "sparsity": round(self.model_info.sparsity, 4)}
 
