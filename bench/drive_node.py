@@ -1,24 +1,32 @@
-"""Drive-node frames per second and latency, dense vs pruned, on the same frames in one run.
+"""Drive-node latency, where it goes, and memory: dense vs pruned, float32 vs bfloat16, raw vs compressed
+cameras, with and without the shipped Fast DDS profile; one run, the same frames.
 
-Each model runs in a real drive-node process. A synthetic 6-camera drive (CARLA-bridge topics, bgra8) is
-published one frame set at a time from this process over DDS; the next set goes out when the node's
-PredictedAction for the current one arrives. So every model sees every frame set (none dropped) and the
-latency is end to end: publish -> PerceptionDescription + PredictedAction received.
+Each configuration runs in a real drive-node process. A synthetic 6-camera drive (CARLA-bridge topics, six
+bgra8 800x450 views, or JPEG on the `/compressed` topics) is published one frame set at a time from this
+process over DDS, stamped with the wall clock when it goes out; the next set goes out when the node's
+PredictedAction for the current one arrives. So every configuration sees every frame set (none dropped),
+end to end is publish -> PerceptionDescription + PredictedAction received, and the node's /diagnostics
+give the stages (camera stamp -> callback, conversion, queue, image encoding, prefill, decoding, publishing).
 
-    .venv/bin/python bench/drive_node.py                 # dense default vs OWLed 50 % (pruned here first)
-    .venv/bin/python bench/drive_node.py --pruned DIR ... # or bring pruned model directories
+    .venv/bin/python bench/drive_node.py [--calib DIR]      # the default, and OWLed 50 % of it pruned here
+    .venv/bin/python bench/drive_node.py --pruned DIR ...   # or bring pruned model directories
 """
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+from sensor_msgs.msg import CompressedImage
 
 from owled_ros.data.bags import camera_messages, carla_topics, write_synthetic_drive
 from owled_ros.data.calib import write_synthetic
@@ -30,25 +38,35 @@ from owled_ros.nodes.replay import to_ros
 from owled_ros.pruning.run import prune
 
 RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
+PROFILE = Path(__file__).resolve().parents[1] / "config" / "fastdds.xml"
+STAGES = [("transport_s", "transport"), ("convert_s", "convert"), ("queue_s", "queue"), ("encode_s", "image encoding"),
+          ("prefill_s", "prefill"), ("decode_s", "decode"), ("decode_per_token_s", "per token"), ("publish_s", "publish")]
 
 
-def frame_sets(bag):
-    """[[(topic, ROS message)] per frame set], in bag order."""
+def frame_sets(bag, compressed):
+    """[[(topic, ROS message)] per frame set], in bag order; JPEG (quality 90) on `<topic>/compressed`."""
     sets = {}
     for topic, timestamp, msgtype, message in camera_messages(bag, list(carla_topics().values())):
-        sets.setdefault(timestamp, []).append((topic, to_ros(msgtype, message)))
+        raw = to_ros(msgtype, message)
+        if compressed:
+            bgra = np.frombuffer(bytes(raw.data), np.uint8).reshape(raw.height, raw.width, 4)
+            jpeg = cv2.imencode(".jpg", cv2.cvtColor(bgra, cv2.COLOR_BGRA2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
+            topic, raw = topic + "/compressed", CompressedImage(header=raw.header, format="jpeg", data=jpeg.tobytes())
+        sets.setdefault(timestamp, []).append((topic, raw))
     return list(sets.values())
 
 
 class Driver:
-    """Publishes frame sets and waits for the drive node's action on each."""
+    """Publishes frame sets and waits for the drive node's action on each (its own DDS participant, so
+    that it takes the Fast DDS profile of the configuration)."""
 
     def __init__(self, frame_set):
         rclpy.init()
         self.node = rclpy.create_node("owled_bench_driver")
         self.publishers = {t: self.node.create_publisher(type(m), t, RELIABLE) for t, m in frame_set}
-        self.actions = []
+        self.actions, self.diagnostics = [], []
         self.node.create_subscription(PredictedAction, "/owled/action", self.actions.append, 10)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
 
     def spin_until(self, done, timeout):
         end = time.monotonic() + timeout
@@ -57,64 +75,111 @@ class Driver:
         return done()
 
     def wait_for_node(self, timeout=600):
-        self.actions.clear()
         return self.spin_until(lambda: all(p.get_subscription_count() for p in self.publishers.values())
                                and self.node.count_publishers("/owled/action") > 0, timeout)
 
     def round_trip(self, frame_set, timeout=300):
-        """Seconds from publishing the set to its action arriving, and that action."""
-        stamp = frame_set[0][1].header.stamp
+        """Seconds from publishing the set (stamped now) to its action arriving, and that action."""
+        now = self.node.get_clock().now().to_msg()
         start = time.perf_counter()
         for topic, message in frame_set:
+            message.header.stamp = now
             self.publishers[topic].publish(message)
-        matches = lambda: [a for a in self.actions if (a.header.stamp.sec, a.header.stamp.nanosec) == (stamp.sec, stamp.nanosec)]
+        matches = lambda: [a for a in self.actions if (a.header.stamp.sec, a.header.stamp.nanosec) == (now.sec, now.nanosec)]
         if not self.spin_until(matches, timeout):
-            raise RuntimeError(f"no action for the frame set stamped {stamp.sec}.{stamp.nanosec:09d} within {timeout} s")
+            raise RuntimeError(f"no action for the frame set stamped {now.sec}.{now.nanosec:09d} within {timeout} s")
         return time.perf_counter() - start, matches()[0]
+
+    def stages(self, processed):
+        """The node's per-stage p50s from its first /diagnostics that counts `processed` frame sets."""
+        def latest():
+            for array in reversed(self.diagnostics):
+                values = {kv.key: kv.value for s in array.status if s.name == "owled_drive" for kv in s.values}
+                if values.get("processed_frame_sets") == str(processed):
+                    return values
+            return None
+        if not self.spin_until(lambda: latest() is not None, 10):
+            raise RuntimeError("the drive node published no diagnostics for the measured frame sets")
+        return {key: float(latest()[f"p50_s.{key}"]) for key, _ in STAGES if f"p50_s.{key}" in latest()}
 
     def close(self):
         self.node.destroy_node()
         rclpy.shutdown()
 
 
-def measure(driver, model_dir, warm_up, sets, log):
-    # every view of a set is published at once: wait for all of them even while inference holds the CPU
-    process = node_process("owled_ros.nodes.drive_node", {"model_dir": model_dir, "max_rate_hz": 1000.0,
-                                                          "camera_reliability": "reliable", "view_timeout_s": 30.0}, log)
+def memory_mb(pid):
+    """(resident, peak resident) MB of a process, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return tuple(int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM"))
+
+
+def measure(config, bag, log_path):
+    """One configuration: a drive-node process, a driver, a warm-up set then the measured ones. Runs in a
+    process of its own: Fast DDS reads its XML profile once per process, at the first participant."""
+    if config["profile"]:
+        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(PROFILE)
+    else:
+        os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
+    sets = frame_sets(bag, config["compressed"])
+    topics = [topic for topic, _ in sets[0]]
+    params = {"model_dir": config["model"], "dtype": config["dtype"], "max_rate_hz": 1000.0,
+              "camera_reliability": "reliable", "view_timeout_s": 30.0, "latency_window": len(sets),
+              "camera_topics": "[" + ",".join(topics) + "]",
+              "camera_transports": "[" + ",".join(["compressed" if config["compressed"] else "raw"] * len(topics)) + "]"}
+    driver = Driver(sets[0])
+    log = open(log_path, "a")
+    process = node_process("owled_ros.nodes.drive_node", params, log)
     try:
         if not driver.wait_for_node():
-            raise RuntimeError(f"drive node on {model_dir} did not come up (see {log.name})")
-        driver.round_trip(warm_up)
+            raise RuntimeError(f"drive node on {config['model']} did not come up (see {log.name})")
+        driver.round_trip(sets[0])  # warm-up, outside the statistics
         start = time.perf_counter()
-        trips = [driver.round_trip(s) for s in sets]
+        trips = [driver.round_trip(s) for s in sets[1:]]
         wall = time.perf_counter() - start
+        stages = driver.stages(len(sets))
+        rss, peak = memory_mb(process.pid)
     finally:
         stop(process)
-        driver.spin_until(lambda: driver.node.count_publishers("/owled/action") == 0, 30)  # gone from the graph
+        driver.close()
+        log.close()
     end_to_end = np.array([seconds for seconds, _ in trips])
     model_time = np.array([action.latency_s for _, action in trips])
     info = trips[0][1].model
-    return {"model": str(model_dir), "method": info.method, "sparsity": round(info.sparsity, 3),
-            "size_mb": round(size_mb(model_dir), 1), "frame_sets": len(sets), "fps": len(sets) / wall,
+    return {**config, "model": str(config["model"]), "method": info.method, "sparsity": round(info.sparsity, 3),
+            "size_mb": round(size_mb(config["model"]), 1), "frame_sets": len(trips), "fps": len(trips) / wall,
             "e2e_p50_s": float(np.percentile(end_to_end, 50)), "e2e_p95_s": float(np.percentile(end_to_end, 95)),
             "model_p50_s": float(np.percentile(model_time, 50)), "model_p95_s": float(np.percentile(model_time, 95)),
-            "rationale_words": float(np.mean([len(a.rationale.split()) for _, a in trips])),
-            "actions": [a.action_label for _, a in trips]}
+            "stages_p50_s": stages, "rss_mb": rss, "peak_rss_mb": peak,
+            "actions": [a.action_label for _, a in trips], "rationales": [a.rationale for _, a in trips]}
+
+
+def label(row):
+    return (f"{Path(row['model']).name} {row['dtype']}, {'JPEG' if row['compressed'] else 'raw'}, "
+            f"{'shipped profile' if row['profile'] else 'Fast DDS defaults'}")
 
 
 def markdown(summary):
     rows = summary["rows"]
-    lines = [f"{summary['frame_sets']} frame sets of 6 bgra8 {summary['size'][1]}x{summary['size'][0]} cameras, published "
-             f"one set at a time over DDS (reliable QoS) to a drive-node process; {summary['machine']}.", "",
-             "| model | method | sparsity | size MB | fps | e2e p50 s | e2e p95 s | model p50 s | model p95 s | "
-             "words/action | speed-up vs dense | same action as dense |",
+    reference = rows[0]
+    lines = [f"{summary['frame_sets']} frame sets of six {summary['size'][1]}x{summary['size'][0]} cameras (bgra8, "
+             f"{summary['set_mb']:.1f} MB a set; JPEG: {summary['jpeg_set_mb']:.1f} MB), published one set at a time over "
+             f"DDS (reliable QoS) to a drive-node process answering the perception and the action question; "
+             f"{summary['machine']}. Same answers: share of frame sets whose action text equals the first row's.", "",
+             "| configuration | method | sparsity | fps | e2e p50 s | e2e p95 s | model p50 s | model p95 s | e2e / model "
+             "| RSS MB | peak RSS MB | same answers |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    dense = rows[0]
     for row in rows:
-        agree = np.mean([a == b for a, b in zip(row["actions"], dense["actions"])])
-        lines.append(f"| {Path(row['model']).name} | {row['method']} | {row['sparsity']:.2f} | {row['size_mb']:.0f} | "
-                     f"{row['fps']:.2f} | {row['e2e_p50_s']:.2f} | {row['e2e_p95_s']:.2f} | {row['model_p50_s']:.2f} | "
-                     f"{row['model_p95_s']:.2f} | {row['rationale_words']:.1f} | {row['fps'] / dense['fps']:.2f}x | {agree:.2f} |")
+        same = np.mean([a == b for a, b in zip(row["rationales"], reference["rationales"])])
+        lines.append(f"| {label(row)} | {row['method']} | {row['sparsity']:.2f} | {row['fps']:.2f} | {row['e2e_p50_s']:.2f} | "
+                     f"{row['e2e_p95_s']:.2f} | {row['model_p50_s']:.2f} | {row['model_p95_s']:.2f} | "
+                     f"{row['e2e_p50_s'] / row['model_p50_s']:.2f} | {row['rss_mb']:.0f} | {row['peak_rss_mb']:.0f} | {same:.2f} |")
+    lines += ["", "Where the time goes: the node's p50 per stage, seconds (transport: camera stamp -> callback; "
+                  "convert: the six images to RGB; queue: frame set complete -> model; per token: one decoding step "
+                  "for both questions together).", "",
+              "| configuration | " + " | ".join(name for _, name in STAGES) + " |", "|---|" + "---|" * len(STAGES)]
+    for row in rows:
+        lines.append(f"| {label(row)} | " + " | ".join(f"{row['stages_p50_s'].get(key, float('nan')):.3f}"
+                                                     for key, _ in STAGES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -122,6 +187,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dense", default="default")
     p.add_argument("--pruned", nargs="*", help="pruned model directories (default: OWLed 50 %% of --dense, pruned here)")
+    p.add_argument("--calib", help="calibration frame sets for that prune (default: synthetic 2-D ones)")
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--size", type=int, nargs=2, default=(450, 800), metavar=("HEIGHT", "WIDTH"))
     p.add_argument("--out", default="bench/results")
@@ -132,26 +198,32 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     dense = resolve_model(args.dense)
-    models = [dense] + [Path(m) for m in args.pruned or []]
+    pruned = [Path(m) for m in args.pruned or []]
     if args.pruned is None:
-        write_synthetic(work / "calib", 32, seed=100, vehicle="bench-calib")
-        prune(dense, work / "owled-0.5", "owled", "0.5", work / "calib", nsamples=32, progress=False)
-        models.append(work / "owled-0.5")
-    for model in models:
+        calib = args.calib
+        if calib is None:
+            calib = work / "calib"
+            write_synthetic(calib, 32, seed=100, vehicle="bench-calib")
+        prune(dense, work / "owled-0.5", "owled", "0.5", calib, nsamples=32, progress=False)
+        pruned.append(work / "owled-0.5")
+    for model in [dense, *pruned]:
         DrivingVLM.from_pretrained(model)  # a clear error before any node starts
     bag = write_synthetic_drive(work / "drive", args.frames + 1, seed=7, size=tuple(args.size))
-    warm_up, *sets = frame_sets(bag)
-    driver = Driver(warm_up)
+    configs = [{"model": dense, "dtype": "float32", "compressed": False, "profile": False},
+               {"model": dense, "dtype": "float32", "compressed": False, "profile": True},
+               {"model": dense, "dtype": "float32", "compressed": True, "profile": True},
+               {"model": dense, "dtype": "bfloat16", "compressed": False, "profile": True}]
+    configs += [{"model": m, "dtype": dtype, "compressed": False, "profile": True} for m in pruned
+                for dtype in ("float32", "bfloat16")]
     rows = []
-    with open(work / "nodes.log", "w") as log:
-        try:
-            for model in models:
-                rows.append(measure(driver, model, warm_up, sets, log))
-                print(f"{Path(model).name}: {rows[-1]['fps']:.2f} fps, e2e p50 {rows[-1]['e2e_p50_s']:.2f} s")
-        finally:
-            driver.close()
-    summary = {"frame_sets": len(sets), "size": list(args.size), "rows": rows,
-               "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"}
+    for config in configs:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            rows.append(child.submit(measure, config, bag, work / "nodes.log").result())
+        print(f"{label(rows[-1])}: {rows[-1]['fps']:.2f} fps, e2e p50 {rows[-1]['e2e_p50_s']:.2f} s, "
+              f"model p50 {rows[-1]['model_p50_s']:.2f} s", flush=True)
+    set_mb = lambda compressed: sum(len(m.data) for _, m in frame_sets(bag, compressed)[0]) / 1e6
+    summary = {"frame_sets": args.frames, "size": list(args.size), "set_mb": set_mb(False), "jpeg_set_mb": set_mb(True),
+               "rows": rows, "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"}
     (out / "drive_node.json").write_text(json.dumps(summary, indent=2))
     (out / "drive_node.md").write_text(markdown(summary))
     print(markdown(summary))
