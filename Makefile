@@ -26,6 +26,7 @@ bench: setup
 	$(VENV)/bin/owled bench --out bench/results --calib bench/results/work-world-calib --eval bench/results/work-world-heldout
 	$(PY) bench/encoder_sensitivity.py --calib bench/results/work-world-calib --eval bench/results/work-world-heldout --out bench/results
 	$(PY) bench/drive_node.py --calib bench/results/work-world-calib --out bench/results
+	$(PY) bench/cpu_sparse.py --out bench/results
 	$(PY) bench/default_model.py --out bench/results
 	$(PY) bench/update_readme.py README.md
 
