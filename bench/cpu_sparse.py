@@ -1,7 +1,8 @@
 """Does sparse execution of the pruned linears beat dense on this CPU? The default model's LM linears
 (one of each shape), pruned per output row by magnitude at 50 % and 70 % (the unstructured pattern Wanda
 leaves), timed as dense `F.linear` against torch's CSR and BSR (32x32 blocks) products, at the node's
-decoding batch (2 tokens) and a prefill batch (128 tokens); plus the weight's bytes in each layout.
+decoding batch (2 tokens) and a prefill batch (128 tokens); plus the weight's bytes in each layout, and
+what keeping it in the checkpoint's bitmask layout in memory would cost (rebuilding it per product).
 
     .venv/bin/python bench/cpu_sparse.py --out bench/results     # writes cpu_sparse.json, cpu_sparse.md
 """
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from owled_ros.model.build import resolve_model
+from owled_ros.model.checkpoint import compress, decompress
 from owled_ros.model.vlm import DrivingVLM
 
 SPARSITIES = (0.5, 0.7)
@@ -53,25 +55,29 @@ def measure(name, weight, sparsity, tokens):
     # y = x W^T computed as (W x^T)^T: the sparse operand on the left, where torch supports it
     products = {"dense": lambda: F.linear(x, pruned), **{layout: lambda s=sparse: torch.mm(s, x.t()).t()
                                                          for layout, sparse in layouts.items()}}
-    timed = seconds(products)
+    packed = compress(pruned)  # the checkpoint's bitmask layout, if weights were kept compressed in memory
+    timed = seconds(products | {"decompress": lambda: decompress(*packed.values())})
     row = {"layer": name, "shape": list(weight.shape), "sparsity": sparsity, "tokens": tokens, "dense_s": timed["dense"]}
     for layout, sparse in layouts.items():
         torch.testing.assert_close(products[layout](), products["dense"](), rtol=1e-4, atol=1e-4)
         row |= {f"{layout}_s": timed[layout], f"{layout}_speedup": timed["dense"] / timed[layout],
                 f"{layout}_bytes_ratio": nbytes(sparse) / nbytes(pruned)}
+    row |= {"decompress_s": timed["decompress"], "bitmask_bytes_ratio": sum(nbytes(t) for t in packed.values()) / nbytes(pruned)}
     return row
 
 
 def markdown(summary):
     lines = [f"{summary['machine']}, torch {summary['torch']}, {summary['threads']} threads; float32; the time of "
              "one product, best of 7; speed-up = dense time / sparse time (above 1: sparse wins); bytes = the "
-             "sparse weight's size / the dense one's.", "",
-             "| layer | shape | sparsity | tokens | dense ms | CSR speed-up | BSR speed-up | CSR bytes | BSR bytes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "sparse weight's size / the dense one's; bitmask: the checkpoint's layout kept in memory, and the time "
+             "to rebuild the dense weight from it before each product.", "",
+             "| layer | shape | sparsity | tokens | dense ms | CSR speed-up | BSR speed-up | CSR bytes | BSR bytes "
+             "| bitmask bytes | bitmask rebuild ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         lines.append(f"| {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['sparsity']:.0%} | {r['tokens']} | "
                      f"{r['dense_s'] * 1e3:.3f} | {r['csr_speedup']:.2f}x | {r['bsr_speedup']:.2f}x | "
-                     f"{r['csr_bytes_ratio']:.2f} | {r['bsr_bytes_ratio']:.2f} |")
+                     f"{r['csr_bytes_ratio']:.2f} | {r['bsr_bytes_ratio']:.2f} | {r['bitmask_bytes_ratio']:.2f} | "
+                     f"{r['decompress_s'] * 1e3:.3f} |")
     wins = [r for r in summary["rows"] if max(r["csr_speedup"], r["bsr_speedup"]) > 1]
     lines += ["", f"Sparse beat dense in {len(wins)} of {len(summary['rows'])} cases" +
               (": " + ", ".join(f"{r['layer']} {r['sparsity']:.0%} {r['tokens']} tokens" for r in wins) if wins else "") + "."]
