@@ -57,8 +57,8 @@ def exact_match(results):
     return accuracy([a.strip().lower() for _, _, a in results], [q["answer"].strip().lower() for _, q, _ in results])
 
 
-def score(results):
-    """Metrics overall and per category. Driving metrics parse the answers (eval/parse.py)."""
+def score(results, categories=True):
+    """Metrics overall and (with categories) per category. Driving metrics parse the answers (eval/parse.py)."""
     by_kind = lambda kind: [(s, q, a) for s, q, a in results if q.get("kind") == kind]
     perception = by_kind("perception")
     described = [parse_description(a) for _, _, a in perception]
@@ -80,7 +80,7 @@ def score(results):
         **language_metrics([a for _, _, a in results], [q["answer"] for _, q, _ in results]),
         "answers": len(results),
     }
-    for category in CATEGORIES:
+    for category in CATEGORIES if categories else ():
         chosen = [(s, q, a) for s, q, a in results if q["category"] == category]
         metrics[category] = {"exact_match": exact_match(chosen),
                              **language_metrics([a for _, _, a in chosen], [q["answer"] for _, q, _ in chosen])}
@@ -91,7 +91,11 @@ def generated_intervals(results, keys=GENERATED):
     """{metric: (value, low, high)} of generated answers, resampling whole frame sets."""
     sets = list(dict.fromkeys(id(s) for s, _, _ in results))
     by_set = [[r for r in results if id(r[0]) == key] for key in sets]
-    statistic = lambda chosen: np.array([score([r for i in chosen for r in by_set[i]])[k] for k in keys], dtype=np.float64)
+
+    def statistic(chosen):
+        scored = score([r for i in chosen for r in by_set[i]], categories=False)
+        return np.array([scored[k] for k in keys], dtype=np.float64)
+
     value, low, high = corpus_interval(len(by_set), statistic)
     return {k: (float(v), float(lo), float(hi)) for k, v, lo, hi in zip(keys, np.atleast_1d(value), np.atleast_1d(low),
                                                                     np.atleast_1d(high))}

@@ -58,6 +58,12 @@ def tokenize(text):
     return re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
 
 
+@functools.lru_cache(maxsize=100_000)
+def sentence_meteor(hypothesis, reference):
+    """METEOR of one answer (the corpus value is their mean); cached, as bootstrap resamples repeat answers."""
+    return meteor_score([tokenize(reference)], tokenize(hypothesis), wordnet=wordnet())
+
+
 def language_metrics(hypotheses, references):
     """Corpus scores for lists of generated and reference answers (one reference each)."""
     if not hypotheses:
@@ -68,7 +74,7 @@ def language_metrics(hypotheses, references):
         bleu, _ = Bleu(4).compute_score(ref, hyp)
     rouge, _ = Rouge().compute_score(ref, hyp)
     cider, _ = Cider().compute_score(ref, hyp)
-    meteor = sum(meteor_score([tokenize(r)], tokenize(h), wordnet=wordnet()) for h, r in zip(hypotheses, references))
+    meteor = sum(sentence_meteor(h, r) for h, r in zip(hypotheses, references))
     return {"bleu4": float(bleu[3]), "meteor": meteor / len(hypotheses), "rouge_l": float(rouge), "cider": float(cider)}
 
 
