@@ -1,8 +1,9 @@
-"""Is the image side more sensitive to pruning than the language model (the OWLed paper's finding)? The
-default model pruned with OWLed on one component at a time: the image side (MobileNetV2's convolutions, the
-patch embedding, the fusion unit) at 10-50 %, the LM at 10-70 %, and the LM again at the sparsity that
-removes as many weights as each image-side run (matched parameters). Closed driving questions on held-out
-MetaDrive frame sets, with 95 % intervals; paired differences at matched parameters.
+"""Is the image encoder more sensitive to pruning than the language model (the OWLed paper's finding)? The
+default model pruned with OWLed on one component at a time: the image encoder (`vision.encoder`:
+MobileNetV2's convolutions and the patch embedding; the fusion unit after it is left dense) at 10-50 %, the
+LM at 30-70 %, and the LM again at the sparsity that removes as many weights as each encoder run (matched
+parameters). Closed driving questions on held-out MetaDrive frame sets, with 95 % intervals; paired
+differences at matched parameters.
 
     python bench/encoder_sensitivity.py --calib DIR --eval DIR --out bench/results
 
@@ -21,16 +22,17 @@ from owled_ros.eval.evaluate import closed
 from owled_ros.eval.stats import interval, paired_difference
 from owled_ros.model.build import resolve_model
 from owled_ros.model.vlm import DrivingVLM
-from owled_ros.pruning.engine import group_of, prunable
+from owled_ros.pruning.engine import prunable
 from owled_ros.pruning.run import prune
 
-VISION_SPARSITIES = (0.1, 0.3, 0.5)
-LLM_SPARSITIES = (0.1, 0.3, 0.5, 0.7)
+ENCODER = "vision.encoder"
+ENCODER_SPARSITIES = (0.1, 0.3, 0.5)
+LLM_SPARSITIES = (0.3, 0.5, 0.7)
+NAMES = {ENCODER: "image encoder", "llm": "language model"}
 
 
-def prunable_weights(model, group):
-    return sum(m.weight.numel() for component, blocks in model.components().items() if group_of(component) == group
-               for block in blocks for m in prunable(block).values())
+def prunable_weights(model, component):
+    return sum(m.weight.numel() for block in model.components()[component] for m in prunable(block).values())
 
 
 def zeros(model):
@@ -58,26 +60,27 @@ def main():
     eval_samples = read_samples(args.eval)[:args.eval_frames]
     dense = DrivingVLM.from_pretrained(model_dir)
     total = sum(p.numel() for p in dense.parameters())
-    size = {group: prunable_weights(dense, group) for group in ("vision", "llm")}
+    size = {component: prunable_weights(dense, component) for component in (ENCODER, "llm")}
     dense_zeros = zeros(dense)
     rows = [{"component": "dense", "target": 0.0, "removed": 0, "items": measure(dense, eval_samples)}]
     del dense
 
-    def run(group, sparsity, matched=None):
-        name = f"{group}-{sparsity:.4f}"
-        prune(model_dir, work / name, "owled", f"{group}={sparsity:.4f}", args.calib, nsamples=args.nsamples, progress=False)
+    def run(component, sparsity, matched=None):
+        name = f"{component}-{sparsity:.4f}"
+        prune(model_dir, work / name, "owled", f"{component}={sparsity:.4f}", args.calib, nsamples=args.nsamples,
+              progress=False)
         model = DrivingVLM.from_pretrained(work / name)
-        row = {"component": group, "target": sparsity, "removed": zeros(model) - dense_zeros,
+        row = {"component": component, "target": sparsity, "removed": zeros(model) - dense_zeros,
                "items": measure(model, eval_samples), "matched_to": matched}
         shutil.rmtree(work / name)
         rows.append(row)
         print(f"{name}: removed {row['removed'] / 1e6:.2f} M, closed mean {interval(row['items'])[0]:.3f}", flush=True)
         return row
 
-    for sparsity in VISION_SPARSITIES:
-        vision = run("vision", sparsity)
-        if vision["removed"] < 0.9 * size["llm"]:  # else the language model has too few weights to match
-            run("llm", vision["removed"] / size["llm"], matched=sparsity)
+    for sparsity in ENCODER_SPARSITIES:
+        encoder = run(ENCODER, sparsity)
+        if encoder["removed"] < 0.9 * size["llm"]:  # else the language model has too few weights to match
+            run("llm", encoder["removed"] / size["llm"], matched=sparsity)
     for sparsity in LLM_SPARSITIES:
         run("llm", sparsity)
     shutil.rmtree(work, ignore_errors=True)
@@ -99,22 +102,23 @@ def markdown(summary):
     rows, dense = summary["rows"], summary["rows"][0]
     lines = [f"OWLed (Wanda scores, OWL allocation) on one component of `{summary['model']}`: closed questions on "
              f"{summary['eval_frame_sets']} held-out {summary['frames']} frame sets, {summary['nsamples']} calibration frame "
-             f"sets; prunable weights: image side {summary['prunable']['vision'] / 1e6:.2f} M, language model "
+             f"sets; prunable weights: image encoder {summary['prunable'][ENCODER] / 1e6:.2f} M, language model "
              f"{summary['prunable']['llm'] / 1e6:.1f} M; {summary['seconds']} s.", "",
              "| component | target | weights removed | closed mean accuracy | − dense |", "|---|---|---|---|---|"]
     for row in rows:
         diff, low, high, _ = paired_difference(row["items"], dense["items"])
-        lines.append(f"| {row['component']}{' (matched)' if row.get('matched_to') else ''} | {row['target']:.3f} | "
+        lines.append(f"| {NAMES.get(row['component'], row['component'])}{' (matched)' if row.get('matched_to') else ''} | "
+                     f"{row['target']:.3f} | "
                      f"{row['removed'] / 1e6:.2f} M | {fmt(row['items'])} | {diff:+.3f} [{low:+.3f}, {high:+.3f}] |")
-    lines += ["", "At matched weights removed (image side − language model, paired over frame sets):", "",
-              "| image side target | difference | verdict |", "|---|---|---|"]
-    for vision in (r for r in rows if r["component"] == "vision"):
-        llm = next((r for r in rows if r.get("matched_to") == vision["target"]), None)
+    lines += ["", "At matched weights removed (image encoder − language model, paired over frame sets):", "",
+              "| encoder target | difference | verdict |", "|---|---|---|"]
+    for encoder in (r for r in rows if r["component"] == ENCODER):
+        llm = next((r for r in rows if r.get("matched_to") == encoder["target"]), None)
         if llm is None:
             continue
-        diff, low, high, verdict = paired_difference(vision["items"], llm["items"])
-        shown = {-1: "image side more sensitive", 1: "language model more sensitive", 0: "not separable"}[verdict]
-        lines.append(f"| {vision['target']:.1f} | {diff:+.3f} [{low:+.3f}, {high:+.3f}] | {shown} |")
+        diff, low, high, verdict = paired_difference(encoder["items"], llm["items"])
+        shown = {-1: "encoder more sensitive", 1: "language model more sensitive", 0: "not separable"}[verdict]
+        lines.append(f"| {encoder['target']:.1f} | {diff:+.3f} [{low:+.3f}, {high:+.3f}] | {shown} |")
     return "\n".join(lines) + "\n"
 
 
@@ -126,12 +130,12 @@ def plot(summary, path):
 
     dense = summary["rows"][0]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for component in ("vision", "llm"):
+    for component in (ENCODER, "llm"):
         rows = [dense] + sorted((r for r in summary["rows"] if r["component"] == component and not r.get("matched_to")),
                                 key=lambda r: r["target"])
         points = [interval(r["items"]) for r in rows]
         for ax, x in ((axes[0], [r["target"] for r in rows]), (axes[1], [r["removed"] / summary["parameters"] for r in rows])):
-            line, = ax.plot(x, [p[0] for p in points], marker="o", label={"vision": "image side", "llm": "language model"}[component])
+            line, = ax.plot(x, [p[0] for p in points], marker="o", label=NAMES[component])
             ax.fill_between(x, [p[1] for p in points], [p[2] for p in points], color=line.get_color(), alpha=0.15)
     axes[0].set_xlabel("target sparsity of the pruned component")
     axes[1].set_xlabel("share of the model's weights removed")

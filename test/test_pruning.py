@@ -15,7 +15,7 @@ from owled_ros.model.checkpoint import load_weights, save_weights
 from owled_ros.model.vision import load_backbone_weights
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.pruning.engine import PruneSpec, prune_model
-from owled_ros.pruning.run import prune
+from owled_ros.pruning.run import PruneError, prune
 from owled_ros.pruning.sparsegpt import sparsegpt_
 from owled_ros.pruning.sparsity import nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask, wanda_scores
 
@@ -424,3 +424,23 @@ def test_the_mobilenet_v2_encoder_is_pruned_layer_by_layer_and_reloads(tmp_path,
         else:  # per block of columns
             assert (rows == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), name
     assert all((p != 0).all() for n, p in pruned.lm.named_parameters() if n.endswith("proj.weight"))  # vision only
+
+
+def test_one_component_of_a_group_can_be_pruned_alone(tmp_path):
+    model = tiny_decoder()
+    model.save_pretrained(tmp_path / "model")
+    write_synthetic(tmp_path / "calib", 8, seed=5)
+    report = prune(tmp_path / "model", tmp_path / "out", "wanda", "vision.encoder=0.5", tmp_path / "calib", nsamples=8,
+                   progress=False)
+    assert set(report["achieved"]) == {"pruned_components", "whole_model", "vision.encoder"}
+    assert report["achieved"]["vision.encoder"] == pytest.approx(0.5, abs=0.01)
+    pruned = DrivingVLM.from_pretrained(tmp_path / "out")
+    dense = model.state_dict()
+    changed = {name for name, tensor in pruned.state_dict().items() if not torch.equal(tensor, dense[name])}
+    encoder = {f"vision.{n}.weight" for n, m in model.vision.named_modules()
+               if isinstance(m, nn.Conv2d) and (n.startswith("stem.") or n == "conv_proj")}
+    assert changed == encoder  # the fusion unit and the language model untouched
+    with pytest.raises(PruneError, match="vision.roof: not a component of tiny-decoder .*vision.encoder"):
+        prune(tmp_path / "model", tmp_path / "out2", "wanda", "vision.roof=0.3", tmp_path / "calib", progress=False)
+    with pytest.raises(PruneError, match="unknown component 'camera.front'"):
+        prune(tmp_path / "model", tmp_path / "out2", "wanda", "camera.front=0.3", tmp_path / "calib", progress=False)

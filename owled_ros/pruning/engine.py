@@ -132,6 +132,11 @@ def group_of(component):
     return component.split(".")[0]
 
 
+def target_of(component, targets):
+    """A component's target sparsity: its own ('vision.encoder'), else its group's ('vision'), else None."""
+    return targets.get(component, targets.get(group_of(component)))
+
+
 def capture(model, blocks, samples, run):
     """Per sample: the hidden input of blocks[0], and (args, kwargs) of every block without the hidden state."""
     first_inputs, calls = [], [[] for _ in blocks]
@@ -236,7 +241,7 @@ def outlier_pass(model, components, samples, run, spec, progress=True):
 
 def allocate(component, blocks, outliers, spec):
     """Per block, {linear name: (sparsity, nm)} for one component; (0, None) leaves a linear dense."""
-    target = spec.targets[group_of(component)]
+    target = target_of(component, spec.targets)
     layers = [prunable(b) for b in blocks]
     if spec.nm:
         full = 1 - spec.nm[0] / spec.nm[1]
@@ -265,7 +270,7 @@ def planned_sparsity(block, plan):
 def prune_model(model, samples, run, spec, progress=True):
     """Prune model in place. samples: calibration inputs for `run(model, sample)` (None for magnitude with
     a uniform allocation). Returns the list of BlockRecords."""
-    components = {c: b for c, b in model.components().items() if group_of(c) in spec.targets}
+    components = {c: b for c, b in model.components().items() if target_of(c, spec.targets) is not None}
     outliers = outlier_pass(model, components, samples, run, spec, progress) if spec.outlier_weighted else {}
     records = []
     for component, blocks in components.items():

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..model.build import resolve_model
 from ..model.vlm import DrivingVLM
 from . import calibration
-from .engine import PruneSpec, achieved, prunable, prune_model
+from .engine import PruneSpec, achieved, group_of, prunable, prune_model
 
 GROUPS = ("llm", "vision")
 # --method presets: (pruner, allocation, the calibration data its name promises, or None for any)
@@ -27,13 +27,15 @@ class PruneError(ValueError):
 
 
 def parse_sparsity(text):
-    """'0.5' (language model only) or 'llm=0.5,vision=0.2' -> {group: sparsity}."""
+    """'0.5' (language model only), 'llm=0.5,vision=0.2' (groups) or 'vision.encoder=0.3' (one component of a
+    group: the image encoder alone) -> {group or component: sparsity}."""
     targets = {}
     for part in str(text).split(","):
         group, _, value = part.rpartition("=")
         group = group.strip() or "llm"
-        if group not in GROUPS:
-            raise PruneError(f"unknown component {group!r} in --sparsity; use {', '.join(GROUPS)}")
+        if group_of(group) not in GROUPS:
+            raise PruneError(f"unknown component {group!r} in --sparsity; use {', '.join(GROUPS)} or one of their "
+                             "components (vision.encoder, vision.fusion, ...)")
         try:
             targets[group] = float(value)
         except ValueError:
@@ -104,13 +106,17 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
         model = DrivingVLM.from_pretrained(resolve_model(model_dir))
     except ValueError as error:
         raise PruneError(str(error)) from None
+    unknown = [t for t in targets if t not in GROUPS and t not in model.components()]
+    if unknown:
+        raise PruneError(f"--sparsity names {', '.join(unknown)}: not a component of {model.model_id} "
+                         f"(it has {', '.join(model.components())})")
     samples, run, info = None, None, {"kind": "none"}
     if spec.needs_activations or spec.outlier_weighted:
         if calib is None:
             raise PruneError(f"--method {method} needs --calib")
         samples, run, info = calibration.load(calib, model.tokenizer, nsamples, seed)
         check_calibration(method, info)
-        if "vision" in targets and info["kind"] == "text":
+        if any(group_of(t) == "vision" for t in targets) and info["kind"] == "text":
             raise PruneError("pruning the vision side needs image calibration; --calib is a text file")
     records = prune_model(model, samples, run, spec, progress)
 
