@@ -12,6 +12,7 @@ from torch import nn
 from models import tiny_decoder
 from owled_ros.data.calib import write_synthetic
 from owled_ros.model.checkpoint import load_weights, save_weights
+from owled_ros.model.sparse_kernels import is_two_four
 from owled_ros.model.vision import load_backbone_weights
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.pruning.engine import PruneSpec, prune_model
@@ -198,6 +199,7 @@ def test_two_four_below_half_keeps_the_most_outlier_heavy_layers_dense(tiny_dirs
     largest = max(w.numel() for w in weights.values()) / 2
     assert 0.3 * total <= removed < 0.3 * total + largest  # the target, overshot by less than one layer
     assert 0 < len(patterned) < len(weights)
+    assert {name for name, w in weights.items() if is_two_four(w)} == patterned  # what the CUDA kernels would take
     with pytest.raises(ValueError, match="needs the owl allocation"):
         prune(tiny_dirs / "model", tiny_dirs / "nm-x", "wanda", "0.3", tiny_dirs / "calib", nm="2:4", nsamples=16)
     with pytest.raises(ValueError, match="above what 2:4 removes"):

@@ -126,6 +126,7 @@ class DriveNode(Node):
         self.declare_parameter("model_dir", "default")
         self.declare_parameter("device", "cpu")
         self.declare_parameter("dtype", "float32")  # float32 | bfloat16 (bench/drive_node.py measures both)
+        self.declare_parameter("sparse_kernels", True)  # CUDA + bfloat16: a 2:4 model's linears on sparse tensor cores
         self.declare_parameter("max_new_tokens", 48)
         self.declare_parameter("max_rate_hz", 1.0)
         self.declare_parameter("perception_question", "What are the important objects in the current scene?")
@@ -138,6 +139,7 @@ class DriveNode(Node):
         import torch  # here, not at the top: the recorder node imports this module and needs no torch
 
         from owled_ros.model.build import resolve_model
+        from owled_ros.model.sparse_kernels import to_semi_structured
         from owled_ros.model.vlm import DrivingVLM
 
         if param("dtype") not in DTYPES:
@@ -150,6 +152,12 @@ class DriveNode(Node):
         nm = compression.get("nm") or [0, 0]
         self.model_info = ModelInfo(model_id=self.model.model_id, method=compression["method"],
                                     sparsity=float(compression["sparsity"]), nm_n=nm[0], nm_m=nm[1])
+        self.sparse_linears = []
+        if param("sparse_kernels") and list(nm) == [2, 4] and param("device").startswith("cuda"):
+            if param("dtype") == "bfloat16":
+                self.sparse_linears = to_semi_structured(self.model)
+            else:
+                self.get_logger().warning("a 2:4 model on CUDA runs dense in float32; dtype bfloat16 uses the sparse kernels")
         self.max_new_tokens, self.min_period = param("max_new_tokens"), 1.0 / param("max_rate_hz")
         self.perception_question, self.action_question = param("perception_question"), param("action_question")
         self.latencies = collections.deque(maxlen=param("latency_window"))
@@ -296,6 +304,7 @@ class DriveNode(Node):
                 "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
                 **{f"p50_s.{stage}": float(np.percentile(values, 50)) for stage, values in sorted(self.stages.items())},
                 "model_id": self.model_info.model_id, "method": self.model_info.method,
+                "sparse_kernel_linears": len(self.sparse_linears),
                 "sparsity": round(self.model_info.sparsity, 4)}
 
     def publish_diagnostics(self):
