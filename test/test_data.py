@@ -1,9 +1,7 @@
 """Bags (import, replay), the recorder node (policies, signals), and the S3 fleet store against a local server."""
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest

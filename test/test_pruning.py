@@ -188,7 +188,7 @@ def test_two_four_holds_on_every_pruned_linear(tiny_dirs, method):
 
 def test_two_four_below_half_keeps_the_most_outlier_heavy_layers_dense(tiny_dirs):
     out = tiny_dirs / "nm-partial"
-    report = prune(tiny_dirs / "model", out, "owled", "0.3", tiny_dirs / "calib", nm="2:4", nsamples=16, progress=False)
+    prune(tiny_dirs / "model", out, "owled", "0.3", tiny_dirs / "calib", nm="2:4", nsamples=16, progress=False)
     weights = layer_sparsities(out, "llm")
     patterned = {name for name, w in weights.items() if (w == 0).any()}
     for name, weight in weights.items():

@@ -103,7 +103,7 @@ def run_demo(workdir, sparsity="0.5"):
     node.destroy_node()
     rclpy.shutdown()
     timings["drive"] = time.monotonic() - step
-    print(f"[4/4] drive node on the pruned model answered while the bag replayed\n")
+    print("[4/4] drive node on the pruned model answered while the bag replayed\n")
 
     reference = lambda message, kind: next((p["answer"] for p in truth.get(stamp(message), []) if p["kind"] == kind), "?")
     for message in received["perception"]:

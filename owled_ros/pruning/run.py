@@ -160,7 +160,7 @@ def make_report(model, records, method, spec, info, nsamples):
                                       "parameter_weighted_mean": sum(r.target * s for r, s in zip(rs, sizes)) / sum(sizes)}
     total = sum(p.numel() for p in model.parameters())
     return {
-        "model_id": model.model_id, "method": method, "pruner": spec.pruner, "allocation": spec.allocation,
+        "model_id": model.model_id, "method": method, "pruner": spec.pruner, "allocation_rule": spec.allocation,
         "outlier_ratio": spec.outlier_ratio if spec.outlier_weighted else None, "targets": spec.targets,
         "nm": list(spec.nm) if spec.nm else None, "M": spec.m_factor, "lambda": spec.lam,
         "calibration": info | {"nsamples": nsamples},
