@@ -50,3 +50,26 @@ def test_every_imported_dependency_is_a_run_dependency():
     missing = {ROSDEP_KEYS[m] for m in imported} - run_deps
     assert not missing, f"package.xml lacks run dependencies: {sorted(missing)}"
     assert "rclpy" in imported and "torch" in imported
+
+
+def declared_parameters(module, scope=None):
+    """{name: default} of every declare_parameter call in a node module (or in one function of it), defaults
+    evaluated in the module's namespace."""
+    tree = ast.parse(Path(module.__file__).read_text())
+    if scope:
+        tree = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == scope)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "declare_parameter"]
+    value = lambda node: eval(compile(ast.Expression(node), module.__file__, "eval"), vars(module))  # noqa: S307
+    return {value(call.args[0]): value(call.args[1]) for call in calls}
+
+
+def test_the_config_files_mirror_every_declared_parameter_and_its_default():
+    import yaml
+
+    from owled_ros.nodes import drive_node, recorder_node
+
+    cameras = declared_parameters(drive_node, "declare_camera_parameters")
+    for node, config, declared in (("owled_drive", "drive.yaml", declared_parameters(drive_node)),
+                                   ("owled_recorder", "recorder.yaml", declared_parameters(recorder_node) | cameras)):
+        mirrored = yaml.safe_load((ROOT / "config" / config).read_text())[node]["ros__parameters"]
+        assert mirrored == declared, config
