@@ -25,7 +25,7 @@ bench: setup
 		--frames bench/results/work-world-heldout --index 3 --out docs/metadrive_frame_set.png
 	$(VENV)/bin/owled bench --out bench/results --calib bench/results/work-world-calib --eval bench/results/work-world-heldout
 	$(PY) bench/encoder_sensitivity.py --calib bench/results/work-world-calib --eval bench/results/work-world-heldout --out bench/results
-	$(PY) bench/drive_node.py --calib bench/results/work-world-calib --out bench/results
+	$(PY) bench/drive_node.py --frames bench/results/work-world-heldout --calib bench/results/work-world-calib --out bench/results
 	$(PY) bench/cpu_sparse.py --out bench/results
 	$(PY) bench/default_model.py --out bench/results
 	$(PY) bench/update_readme.py README.md

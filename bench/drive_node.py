@@ -1,14 +1,15 @@
 """Drive-node latency, where it goes, and memory: dense vs pruned, float32 vs bfloat16, raw vs compressed
 cameras, with and without the shipped Fast DDS profile; one run, the same frames.
 
-Each configuration runs in a real drive-node process. A synthetic 6-camera drive (CARLA-bridge topics, six
-bgra8 800x450 views, or JPEG on the `/compressed` topics) is published one frame set at a time from this
+Each configuration runs in a real drive-node process. A 6-camera drive through held-out MetaDrive scenes
+(CARLA-bridge topics; each view scaled to 800x450 bgra8, a full camera frame, or JPEG on the `/compressed`
+topics) is published one frame set at a time from this
 process over DDS, stamped with the wall clock when it goes out; the next set goes out when the node's
 PredictedAction for the current one arrives. So every configuration sees every frame set (none dropped),
 end to end is publish -> PerceptionDescription + PredictedAction received, and the node's /diagnostics
 give the stages (camera stamp -> callback, conversion, queue, image encoding, prefill, decoding, publishing).
 
-    .venv/bin/python bench/drive_node.py [--calib DIR]      # the default, and OWLed 50 % of it pruned here
+    .venv/bin/python bench/drive_node.py [--frames DIR] [--calib DIR]   # the default and OWLed-SparseGPT 50 % of it
     .venv/bin/python bench/drive_node.py --pruned DIR ...   # or bring pruned model directories
 """
 import argparse
@@ -28,8 +29,9 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 from sensor_msgs.msg import CompressedImage
 
-from owled_ros.data.bags import camera_messages, carla_topics, write_synthetic_drive
-from owled_ros.data.calib import write_synthetic
+from owled_ros.data.bags import camera_messages, carla_topics, write_drive
+from owled_ros.data.calib import read_samples, write_synthetic
+from owled_ros.data.metadrive_world import DEMO_FRAMES
 from owled_ros.model.build import resolve_model
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.msg import PredictedAction
@@ -161,18 +163,21 @@ def label(row):
 def markdown(summary):
     rows = summary["rows"]
     reference = rows[0]
-    lines = [f"{summary['frame_sets']} frame sets of six {summary['size'][1]}x{summary['size'][0]} cameras (bgra8, "
+    lines = [f"{summary['frame_sets']} held-out MetaDrive frame sets, six cameras scaled to {summary['size'][1]}x"
+             f"{summary['size'][0]} (bgra8, "
              f"{summary['set_mb']:.1f} MB a set; JPEG: {summary['jpeg_set_mb']:.1f} MB), published one set at a time over "
              f"DDS (reliable QoS) to a drive-node process answering the perception and the action question; "
-             f"{summary['machine']}. Same answers: share of frame sets whose action text equals the first row's.", "",
+             f"{summary['machine']}. Same action / same text: share of frame sets whose parsed action / whole action "
+             "answer equals the first row's.", "",
              "| configuration | method | sparsity | fps | e2e p50 s | e2e p95 s | model p50 s | model p95 s | e2e / model "
-             "| RSS MB | peak RSS MB | same answers |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| RSS MB | peak RSS MB | same action | same text |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        same = np.mean([a == b for a, b in zip(row["rationales"], reference["rationales"])])
+        same = {key: np.mean([a == b for a, b in zip(row[key], reference[key])]) for key in ("actions", "rationales")}
         lines.append(f"| {label(row)} | {row['method']} | {row['sparsity']:.2f} | {row['fps']:.2f} | {row['e2e_p50_s']:.2f} | "
                      f"{row['e2e_p95_s']:.2f} | {row['model_p50_s']:.2f} | {row['model_p95_s']:.2f} | "
-                     f"{row['e2e_p50_s'] / row['model_p50_s']:.2f} | {row['rss_mb']:.0f} | {row['peak_rss_mb']:.0f} | {same:.2f} |")
+                     f"{row['e2e_p50_s'] / row['model_p50_s']:.2f} | {row['rss_mb']:.0f} | {row['peak_rss_mb']:.0f} | "
+                     f"{same['actions']:.2f} | {same['rationales']:.2f} |")
     lines += ["", "Where the time goes: the node's p50 per stage, seconds (transport: camera stamp -> callback; "
                   "convert: the six images to RGB; queue: frame set complete -> model; per token: one decoding step "
                   "for both questions together).", "",
@@ -186,9 +191,11 @@ def markdown(summary):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dense", default="default")
-    p.add_argument("--pruned", nargs="*", help="pruned model directories (default: OWLed 50 %% of --dense, pruned here)")
+    p.add_argument("--pruned", nargs="*",
+                   help="pruned model directories (default: OWLed-SparseGPT 50 %% of --dense, pruned here)")
     p.add_argument("--calib", help="calibration frame sets for that prune (default: synthetic 2-D ones)")
-    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--frames", default=str(DEMO_FRAMES), help="MetaDrive frame sets to drive through (default: shipped)")
+    p.add_argument("--count", type=int, default=20, help="frame sets measured (one more warms up)")
     p.add_argument("--size", type=int, nargs=2, default=(450, 800), metavar=("HEIGHT", "WIDTH"))
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
@@ -204,11 +211,18 @@ def main():
         if calib is None:
             calib = work / "calib"
             write_synthetic(calib, 32, seed=100, vehicle="bench-calib")
-        prune(dense, work / "owled-0.5", "owled", "0.5", calib, nsamples=32, progress=False)
-        pruned.append(work / "owled-0.5")
+        # the sweep's method that keeps the answers at 50 % (owled bench)
+        prune(dense, work / "owled-sparsegpt-0.5", "owled-sparsegpt", "0.5", calib, nsamples=32, progress=False)
+        pruned.append(work / "owled-sparsegpt-0.5")
     for model in [dense, *pruned]:
         DrivingVLM.from_pretrained(model)  # a clear error before any node starts
-    bag = write_synthetic_drive(work / "drive", args.frames + 1, seed=7, size=tuple(args.size))
+    scenes = read_samples(args.frames)[:args.count + 1]
+    if len(scenes) < 2:
+        raise SystemExit(f"{args.frames} holds {len(scenes)} frame sets; the bench needs at least 2")
+    height, width = args.size
+    bag = write_drive(work / "drive", ((1_700_000_000 * 10**9 + i * 5 * 10**8,
+                                        {c: cv2.resize(rgb, (width, height)) for c, rgb in s.images().items()})
+                                       for i, s in enumerate(scenes)))
     configs = [{"model": dense, "dtype": "float32", "compressed": False, "profile": False},
                {"model": dense, "dtype": "float32", "compressed": False, "profile": True},
                {"model": dense, "dtype": "float32", "compressed": True, "profile": True},
@@ -222,7 +236,7 @@ def main():
         print(f"{label(rows[-1])}: {rows[-1]['fps']:.2f} fps, e2e p50 {rows[-1]['e2e_p50_s']:.2f} s, "
               f"model p50 {rows[-1]['model_p50_s']:.2f} s", flush=True)
     set_mb = lambda compressed: sum(len(m.data) for _, m in frame_sets(bag, compressed)[0]) / 1e6
-    summary = {"frame_sets": args.frames, "size": list(args.size), "set_mb": set_mb(False), "jpeg_set_mb": set_mb(True),
+    summary = {"frame_sets": len(scenes) - 1, "size": list(args.size), "set_mb": set_mb(False), "jpeg_set_mb": set_mb(True),
                "rows": rows, "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"}
     (out / "drive_node.json").write_text(json.dumps(summary, indent=2))
     (out / "drive_node.md").write_text(markdown(summary))
