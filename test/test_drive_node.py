@@ -147,7 +147,6 @@ def test_a_burst_faster_than_inference_drops_frames_instead_of_queueing(model_di
         stats = latest_stats(peer)
         assert int(stats["dropped_frame_sets"]) > 0
         assert int(stats["processed_frame_sets"]) + int(stats["dropped_frame_sets"]) <= len(sent)
-        assert float(stats["latency_p95_s"]) < 2.0
     finally:
         assert stop_node(node) == 0
 
