@@ -32,17 +32,18 @@ from sensor_msgs.msg import CompressedImage
 from owled_ros.data.bags import camera_messages, carla_topics, write_drive
 from owled_ros.data.calib import read_samples, write_synthetic
 from owled_ros.data.metadrive_world import DEMO_FRAMES
+from owled_ros.data.world import CAMERAS
 from owled_ros.model.build import resolve_model
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.msg import PredictedAction
-from owled_ros.nodes.demo import node_process, size_mb, stop
+from owled_ros.nodes.demo import dds_profile, node_process, size_mb, stop
 from owled_ros.nodes.replay import to_ros
 from owled_ros.pruning.run import prune
 
 RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
-PROFILE = Path(__file__).resolve().parents[1] / "config" / "fastdds.xml"
 STAGES = [("transport_s", "transport"), ("convert_s", "convert"), ("queue_s", "queue"), ("encode_s", "image encoding"),
-          ("prefill_s", "prefill"), ("decode_s", "decode"), ("decode_per_token_s", "per token"), ("publish_s", "publish")]
+          ("prefill_s", "prefill"), ("decode_s", "decode"), ("decode_per_step_s", "per pass"),
+          ("tokens_per_step", "tokens a pass"), ("publish_s", "publish")]
 
 
 def frame_sets(bag, compressed):
@@ -119,7 +120,7 @@ def measure(config, bag, log_path):
     """One configuration: a drive-node process, a driver, a warm-up set then the measured ones. Runs in a
     process of its own: Fast DDS reads its XML profile once per process, at the first participant."""
     if config["profile"]:
-        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(PROFILE)
+        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(dds_profile())
     else:
         os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
     sets = frame_sets(bag, config["compressed"])
@@ -128,6 +129,8 @@ def measure(config, bag, log_path):
               "camera_reliability": "reliable", "view_timeout_s": 30.0, "latency_window": len(sets),
               "camera_topics": "[" + ",".join(topics) + "]",
               "camera_transports": "[" + ",".join(["compressed" if config["compressed"] else "raw"] * len(topics)) + "]"}
+    if config.get("draft_tokens") is not None:
+        params["draft_tokens"] = config["draft_tokens"]
     driver = Driver(sets[0])
     log = open(log_path, "a")
     process = node_process("owled_ros.nodes.drive_node", params, log)
@@ -157,7 +160,8 @@ def measure(config, bag, log_path):
 
 def label(row):
     return (f"{Path(row['model']).name} {row['dtype']}, {'JPEG' if row['compressed'] else 'raw'}, "
-            f"{'shipped profile' if row['profile'] else 'Fast DDS defaults'}")
+            f"{'shipped profile' if row['profile'] else 'Fast DDS defaults'}"
+            f"{', no guesses' if row.get('draft_tokens') == 0 else ''}")
 
 
 def markdown(summary):
@@ -179,8 +183,9 @@ def markdown(summary):
                      f"{row['e2e_p50_s'] / row['model_p50_s']:.2f} | {row['rss_mb']:.0f} | {row['peak_rss_mb']:.0f} | "
                      f"{same['actions']:.2f} | {same['rationales']:.2f} |")
     lines += ["", "Where the time goes: the node's p50 per stage, seconds (transport: camera stamp -> callback; "
-                  "convert: the six images to RGB; queue: frame set complete -> model; per token: one decoding step "
-                  "for both questions together).", "",
+                  "convert: the six images to RGB; queue: frame set complete -> model; per pass: one decoding forward "
+                  "pass for both questions together; tokens a pass: answer tokens each pass produced, guesses from "
+                  "earlier answers included; 1 without guesses).", "",
               "| configuration | " + " | ".join(name for _, name in STAGES) + " |", "|---|" + "---|" * len(STAGES)]
     for row in rows:
         lines.append(f"| {label(row)} | " + " | ".join(f"{row['stages_p50_s'].get(key, float('nan')):.3f}"
@@ -216,15 +221,18 @@ def main():
         pruned.append(work / "owled-sparsegpt-0.5")
     for model in [dense, *pruned]:
         DrivingVLM.from_pretrained(model)  # a clear error before any node starts
-    scenes = read_samples(args.frames)[:args.count + 1]
+    # complete sets only: one with a dropped camera would time the node's view_timeout_s, not the pipeline
+    scenes = [s for s in read_samples(args.frames) if len(s.images()) == len(CAMERAS)][:args.count + 1]
     if len(scenes) < 2:
-        raise SystemExit(f"{args.frames} holds {len(scenes)} frame sets; the bench needs at least 2")
+        raise SystemExit(f"{args.frames} holds {len(scenes)} frame sets with all six views; the bench needs at least 2")
     height, width = args.size
     bag = write_drive(work / "drive", ((1_700_000_000 * 10**9 + i * 5 * 10**8,
                                         {c: cv2.resize(rgb, (width, height)) for c, rgb in s.images().items()})
                                        for i, s in enumerate(scenes)))
+    # the node's defaults (guesses from earlier answers on) unless draft_tokens is given
     configs = [{"model": dense, "dtype": "float32", "compressed": False, "profile": False},
                {"model": dense, "dtype": "float32", "compressed": False, "profile": True},
+               {"model": dense, "dtype": "float32", "compressed": False, "profile": True, "draft_tokens": 0},
                {"model": dense, "dtype": "float32", "compressed": True, "profile": True},
                {"model": dense, "dtype": "bfloat16", "compressed": False, "profile": True}]
     configs += [{"model": m, "dtype": dtype, "compressed": False, "profile": True} for m in pruned

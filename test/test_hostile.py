@@ -278,12 +278,24 @@ def test_views_that_never_reach_a_frame_set_are_counted():
 
     now = [0.0]
     sync = FrameSync(["CAM_FRONT", "CAM_BACK"], slop_s=0.1, timeout_s=1.0, clock=lambda: now[0])
-    assert sync.add("CAM_FRONT", 10**9, "a") is None
-    assert sync.add("CAM_FRONT", 2 * 10**9, "b") is None  # replaces the first front view
-    assert sync.add("CAM_BACK", 2 * 10**9, "c").images == {"CAM_FRONT": "b", "CAM_BACK": "c"}
-    assert sync.dropped_views == 1
+    assert sync.add("CAM_FRONT", 10**9, "a") == []
+    assert sync.add("CAM_FRONT", 10**9 + 5 * 10**7, "b") == []  # replaces the first front view (within the slop)
+    (complete,) = sync.add("CAM_BACK", 10**9, "c")
+    assert complete.images == {"CAM_FRONT": "b", "CAM_BACK": "c"} and sync.dropped_views == 1
+    assert sync.add("CAM_BACK", 10**9 + 2 * 10**7, "late") == [] and sync.dropped_views == 2  # its set went out
     sync.add("CAM_BACK", 3 * 10**9, "d")
-    sync.add("CAM_FRONT", 5 * 10**9, "e")  # the back view is now too old for the front one
     now[0] = 2.0
     partial = sync.poll()
-    assert partial.missing == ["CAM_BACK"] and sync.dropped_views == 2
+    assert partial.images == {"CAM_BACK": "d"} and partial.missing == ["CAM_FRONT"]
+
+
+def test_a_camera_that_skips_a_frame_costs_that_set_its_view_not_the_next_set():
+    from owled_ros.data.frames import FrameSync
+
+    sync = FrameSync(["CAM_FRONT", "CAM_BACK"], slop_s=0.1, timeout_s=1.0, clock=lambda: 0.0)
+    assert sync.add("CAM_BACK", 10**9, "back 1") == []  # the front camera skips frame 1
+    (partial,) = sync.add("CAM_FRONT", 2 * 10**9, "front 2")  # frame 2 begins: frame 1 cannot complete
+    assert partial.images == {"CAM_BACK": "back 1"} and partial.missing == ["CAM_FRONT"]
+    (complete,) = sync.add("CAM_BACK", 2 * 10**9, "back 2")
+    assert complete.images == {"CAM_FRONT": "front 2", "CAM_BACK": "back 2"} and not complete.missing
+    assert sync.dropped_views == 0

@@ -446,3 +446,23 @@ def test_one_component_of_a_group_can_be_pruned_alone(tmp_path):
         prune(tmp_path / "model", tmp_path / "out2", "wanda", "vision.roof=0.3", tmp_path / "calib", progress=False)
     with pytest.raises(PruneError, match="unknown component 'camera.front'"):
         prune(tmp_path / "model", tmp_path / "out2", "wanda", "camera.front=0.3", tmp_path / "calib", progress=False)
+
+
+def test_frame_sets_without_answers_calibrate_on_the_dense_models_own_answers(tiny_dirs, tmp_path):
+    from owled_ros.data.bags import driving_questions
+    from owled_ros.data.calib import ShardWriter, read_samples
+    from owled_ros.pruning.calibration import answer_missing
+
+    frame_sets = read_samples(tiny_dirs / "calib")[:4]
+    writer = ShardWriter(tmp_path / "recorded", "car-0000")
+    for s in frame_sets:
+        writer.add(f"car-{s.id}", s.images(), qa=driving_questions())  # as the recorder writes them: no answers
+    writer.close()
+    model = DrivingVLM.from_pretrained(tiny_dirs / "model")
+    question = "What should the ego vehicle do?"
+    samples = [(s.images(), question, "") for s in frame_sets[:3]] + [(frame_sets[3].images(), question, "Stop.")]
+    filled, count = answer_missing(model, list(samples), batch=2)
+    assert count == 3 and filled[3] == samples[3]
+    assert [answer for *_, answer in filled[:3]] == model.answer([s[0] for s in samples[:3]], [question] * 3)
+    report = prune(tiny_dirs / "model", tmp_path / "out", "wanda", "0.5", tmp_path / "recorded", nsamples=4, progress=False)
+    assert report["calibration"]["dense_model_answers"] == 4

@@ -15,42 +15,52 @@ class FrameSet:
 
 class FrameSync:
     """Collects the newest view of each camera; a set is complete when every camera has a view within
-    `slop_s` of the newest. After `timeout_s` (wall time) without completion, the views at hand go out
-    as a partial set with the rest reported missing. Views that never make it into a set (replaced by a
-    newer view of the same camera, or too old for the set that goes out) are counted in dropped_views."""
+    `slop_s` of the newest. The views at hand go out as a partial set, the rest reported missing, when a
+    view more than `slop_s` newer than all of them arrives (a camera skipped a frame: each camera delivers
+    in order, so the set cannot complete any more), or after `timeout_s` (wall time) without completion.
+    Views that never make it into a set (replaced by a newer view of the same camera, too old for the set
+    that goes out, or of a set that already went out) are counted in dropped_views."""
 
     def __init__(self, cameras, slop_s=0.1, timeout_s=1.0, clock=time.monotonic):
         self.cameras, self.slop_ns, self.timeout_s, self.clock = list(cameras), int(slop_s * 1e9), timeout_s, clock
-        self.views, self.first_arrival, self.dropped_views = {}, None, 0
+        self.views, self.first_arrival, self.dropped_views, self.last_stamp = {}, None, 0, None
         self.lock = threading.Lock()
 
     def add(self, camera, stamp_ns, image, frame_id=""):
-        """Returns a complete FrameSet or None."""
+        """Returns the frame sets this view lets go, oldest first: [], [complete], [partial] or [partial, complete]."""
         with self.lock:
+            if self.last_stamp is not None and stamp_ns - self.last_stamp <= self.slop_ns:
+                self.dropped_views += 1  # late for a set that went out
+                return []
+            out = []
+            if self.views and stamp_ns - max(s for s, _, _ in self.views.values()) > self.slop_ns:
+                out.append(self._take())
             self.dropped_views += camera in self.views
             self.views[camera] = (stamp_ns, image, frame_id)
             self.first_arrival = self.first_arrival or self.clock()
-            newest = max(s for s, _, _ in self.views.values())
-            present = {c for c, (s, _, _) in self.views.items() if newest - s <= self.slop_ns}
-            if present == set(self.cameras):
-                return self._take(present)
-        return None
+            if set(self._present()) == set(self.cameras):
+                out.append(self._take())
+            return out
 
     def poll(self):
         """A partial FrameSet once the timeout has passed, else None."""
         with self.lock:
             if self.first_arrival is None or self.clock() - self.first_arrival < self.timeout_s:
                 return None
-            newest = max(s for s, _, _ in self.views.values())
-            return self._take({c for c, (s, _, _) in self.views.items() if newest - s <= self.slop_ns})
+            return self._take()
 
-    def _take(self, present):
-        self.dropped_views += len(set(self.views) - present)
-        views = {c: self.views[c] for c in self.cameras if c in present}
-        stamp = max(s for s, _, _ in views.values())
+    def _present(self):
+        newest = max(s for s, _, _ in self.views.values())
+        return {c: v for c, v in self.views.items() if newest - v[0] <= self.slop_ns}
+
+    def _take(self):
+        present = self._present()
+        self.dropped_views += len(self.views) - len(present)
+        views = {c: present[c] for c in self.cameras if c in present}
+        self.last_stamp = max(s for s, _, _ in views.values())
         frame_id = views.get(self.cameras[0], next(iter(views.values())))[2]
         self.views, self.first_arrival = {}, None
-        return FrameSet(stamp, {c: img for c, (_, img, _) in views.items()},
+        return FrameSet(self.last_stamp, {c: img for c, (_, img, _) in views.items()},
                         [c for c in self.cameras if c not in present], frame_id)
 
 

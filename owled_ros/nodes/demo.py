@@ -23,6 +23,13 @@ QUESTION = "Will a pedestrian cross in front of the ego vehicle?"
 START_NS = 1_700_000_000 * 10**9
 
 
+def dds_profile():
+    """config/fastdds.xml (shared memory sized for camera frames), as the launch files use it: from the source
+    tree, else from this environment's ament share directory."""
+    candidates = [Path(__file__).resolve().parents[2] / "config", Path(sys.prefix) / "share" / "owled_ros" / "config"]
+    return next((c / "fastdds.xml" for c in candidates if (c / "fastdds.xml").is_file()), None)
+
+
 def node_process(module, params, log):
     args = [sys.executable, "-m", module, "--ros-args"] + [x for k, v in params.items() for x in ("-p", f"{k}:={v}")]
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
@@ -52,6 +59,8 @@ def stamp(message):
 
 def run_demo(workdir, sparsity="0.5"):
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    if dds_profile():  # before this process's first DDS participant; the nodes and the player inherit it
+        os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(dds_profile()))
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     log = open(workdir / "nodes.log", "w")

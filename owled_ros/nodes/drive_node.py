@@ -100,17 +100,17 @@ class CameraInput:
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         # camera stamp -> callback: transport time where the cameras stamp with this host's clock
         self.arrivals[camera] = (received - stamp / 1e9, time.perf_counter() - started)
-        frame_set = self.sync.add(camera, stamp, rgb, msg.header.frame_id)
-        if frame_set is not None:
+        for frame_set in self.sync.add(camera, stamp, rgb, msg.header.frame_id):
             self.hand_on(frame_set)
 
     def on_timer(self):
         frame_set = self.sync.poll()
         if frame_set is not None:
-            self.node.get_logger().warning(f"partial frame set, missing {frame_set.missing}", throttle_duration_sec=5.0)
             self.hand_on(frame_set)
 
     def hand_on(self, frame_set):
+        if frame_set.missing:
+            self.node.get_logger().warning(f"partial frame set, missing {frame_set.missing}", throttle_duration_sec=5.0)
         views = [self.arrivals[camera] for camera in frame_set.images]
         frame_set.timing = {"transport_s": max(age for age, _ in views), "convert_s": sum(s for _, s in views),
                             "ready": time.monotonic()}

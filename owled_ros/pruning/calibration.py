@@ -36,6 +36,19 @@ def driving_samples(root, nsamples, seed=0):
     return triples, {"kind": "driving", "source": str(root), "sha256": digest, "frame_sets": len(frame_sets)}
 
 
+def answer_missing(model, samples, batch=8):
+    """Frame sets recorded on the road come with questions but no reference answers: the dense model's own
+    answers stand in, so that the calibration covers the answer tokens the pruned model will produce (with
+    none, it would see only prompts). Returns the samples and how many answers were filled in."""
+    missing = [i for i, (_, _, answer) in enumerate(samples) if not answer]
+    for start in range(0, len(missing), batch):
+        rows = missing[start:start + batch]
+        answers = model.answer([samples[i][0] for i in rows], [samples[i][1] for i in rows])
+        for i, answer in zip(rows, answers):
+            samples[i] = (samples[i][0], samples[i][1], answer)
+    return samples, len(missing)
+
+
 def text_samples(path, tokenizer, nsamples, seed=0, tokens=TEXT_TOKENS):
     """nsamples windows of `tokens` tokens drawn from a text file."""
     try:

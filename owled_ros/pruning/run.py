@@ -116,6 +116,8 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
             raise PruneError(f"--method {method} needs --calib")
         samples, run, info = calibration.load(calib, model.tokenizer, nsamples, seed)
         check_calibration(method, info)
+        if info["kind"] == "driving":
+            samples, info["dense_model_answers"] = calibration.answer_missing(model, samples)
         if any(group_of(t) == "vision" for t in targets) and info["kind"] == "text":
             raise PruneError("pruning the vision side needs image calibration; --calib is a text file")
     records = prune_model(model, samples, run, spec, progress)
