@@ -7,7 +7,6 @@ what keeping it in the checkpoint's bitmask layout in memory would cost (rebuild
     .venv/bin/python bench/cpu_sparse.py --out bench/results     # writes cpu_sparse.json, cpu_sparse.md
 """
 import argparse
-import json
 import os
 import platform
 import timeit
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from owled_ros.model.build import resolve_model
 from owled_ros.model.checkpoint import compress, decompress
 from owled_ros.model.vlm import DrivingVLM
+from results_io import write_results
 
 SPARSITIES = (0.5, 0.7)
 TOKENS = (2, 128)
@@ -99,9 +99,7 @@ def main():
     summary = {"machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU",
                "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
     out = Path(args.out)
-    (out / "cpu_sparse.json").write_text(json.dumps(summary, indent=1))
-    (out / "cpu_sparse.md").write_text(markdown(summary))
-    print(markdown(summary))
+    write_results(out, "cpu_sparse", summary, markdown(summary))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Needs a CUDA GPU (Ampere or newer), so it is not part of `make bench`.
     .venv/bin/python bench/cuda_sparse.py --out bench/results   # writes cuda_sparse.json and cuda_sparse.md
 """
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -23,6 +22,7 @@ from owled_ros.model.sparse_kernels import to_semi_structured
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.pruning.run import prune
 from owled_ros.pruning.sparsity import nm_mask
+from results_io import write_results
 
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "gate_proj": (1536, 576), "down_proj": (576, 1536)}
 TOKENS = (2, 32, 128, 512)
@@ -100,9 +100,7 @@ def main():
     prune(resolve_model(args.model), work / "wanda-2of4", "wanda", None, args.calib, nm="2:4", nsamples=12, progress=False)
     summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "linears": per_linear(),
                "end_to_end": end_to_end(work / "wanda-2of4")}
-    (out / "cuda_sparse.json").write_text(json.dumps(summary, indent=1))
-    (out / "cuda_sparse.md").write_text(markdown(summary))
-    print(markdown(summary))
+    write_results(out, "cuda_sparse", summary, markdown(summary))
     shutil.rmtree(work)
 
 

@@ -13,7 +13,6 @@ give the stages (camera stamp -> callback, conversion, queue, image encoding, pr
     .venv/bin/python bench/drive_node.py --pruned DIR ...   # or bring pruned model directories
 """
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -39,6 +38,7 @@ from owled_ros.msg import PredictedAction
 from owled_ros.nodes.demo import dds_profile, node_process, size_mb, stop
 from owled_ros.nodes.replay import to_ros
 from owled_ros.pruning.run import prune
+from results_io import write_results
 
 RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
 STAGES = [("transport_s", "transport"), ("convert_s", "convert"), ("queue_s", "queue"), ("encode_s", "image encoding"),
@@ -246,9 +246,7 @@ def main():
     set_mb = lambda compressed: sum(len(m.data) for _, m in frame_sets(bag, compressed)[0]) / 1e6
     summary = {"frame_sets": len(scenes) - 1, "size": list(args.size), "set_mb": set_mb(False), "jpeg_set_mb": set_mb(True),
                "rows": rows, "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"}
-    (out / "drive_node.json").write_text(json.dumps(summary, indent=2))
-    (out / "drive_node.md").write_text(markdown(summary))
-    print(markdown(summary))
+    write_results(out, "drive_node", summary, markdown(summary))
     shutil.rmtree(work)
 
 

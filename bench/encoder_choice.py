@@ -9,7 +9,6 @@ Writes encoder_choice.json and encoder_choice.md (table with 95 % bootstrap inte
 difference per metric).
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from owled_ros.eval.closed import FIELDS
 from owled_ros.eval.evaluate import closed
 from owled_ros.eval.stats import interval, paired_difference
 from owled_ros.model.build import IMAGE_SIDES, align_default, default_model_untrained, rendered_scenes
+from results_io import write_results
 
 METRICS = [f"{field.name}_acc" for field in FIELDS] + ["closed_mean_acc"]
 
@@ -80,12 +80,10 @@ def main():
                "runs": [{k: v for k, v in r.items() if k not in ("real", "blank")} |
                         {"real": {m: interval(v) for m, v in r["real"].items()},
                          "blank": {m: interval(v) for m, v in r["blank"].items()}} for r in runs]}
-    (out / "encoder_choice.json").write_text(json.dumps(summary, indent=1))
     header = (f"Aligned on {len(data[0])} MetaDrive frame sets ({args.steps[0]} + {args.steps[1]} steps, seed "
               f"{args.seed}); closed questions on {len(heldout)} held-out frame sets (other maps). Training time: "
               + ", ".join(f"{r['image_side']} {r['train_seconds']:.0f} s" for r in runs) + ".\n\n")
-    (out / "encoder_choice.md").write_text(header + table(runs) + "\n")
-    print(header + table(runs))
+    write_results(out, "encoder_choice", summary, header + table(runs) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ differences at matched parameters.
 Writes encoder_sensitivity.json, encoder_sensitivity.md and encoder_sensitivity.png.
 """
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from owled_ros.model.build import resolve_model
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.pruning.engine import prunable
 from owled_ros.pruning.run import prune
+from results_io import write_results
 
 ENCODER = "vision.encoder"
 ENCODER_SPARSITIES = (0.1, 0.3, 0.5)
@@ -88,8 +88,7 @@ def main():
                "frames": "/".join(sorted({s.source.split(":")[0] for s in eval_samples})),
                "parameters": total, "prunable": size, "seconds": round(time.time() - started), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "encoder_sensitivity.json").write_text(json.dumps(summary, indent=1))
-    (out / "encoder_sensitivity.md").write_text(markdown(summary))
+    write_results(out, "encoder_sensitivity", summary, markdown(summary))
     plot(summary, out / "encoder_sensitivity.png")
 
 

@@ -6,7 +6,6 @@ outlier ratios, each pruned from the same dense weights in this process.
     .venv/bin/python bench/text_check.py --out bench/results      # text_check.md / .json (about 25 min on 2 cores)
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from owled_ros.eval.bench import table, text_path
 from owled_ros.eval.perplexity import perplexity
 from owled_ros.pruning.calibration import text_samples
 from owled_ros.pruning.engine import ALLOCATIONS, PRUNERS, PruneSpec, achieved, prune_model
+from results_io import write_results
 
 SPARSITIES = (0.5, 0.6, 0.7)
 CONTEXT = 512  # perplexity in non-overlapping windows of 512 tokens
@@ -87,8 +87,7 @@ def main():
     started = time.time()
     summary = check(default_model_untrained().eval(), plan(), args.nsamples)
     summary["seconds"] = round(time.time() - started)
-    (out / "text_check.json").write_text(json.dumps(summary, indent=2))
-    (out / "text_check.md").write_text(markdown(summary))
+    write_results(out, "text_check", summary, markdown(summary))
 
 
 if __name__ == "__main__":
