@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, T5ForConditionalGeneration
 
-from .checkpoint import load_weights, save_weights, stored_shapes, unique_state_dict
+from .checkpoint import load_weights, return_freed_memory, save_weights, stored_shapes, unique_state_dict
 from .vision import BACKBONES, MultiViewEncoder
 
 FORMAT = "owled-vlm/1"
@@ -349,6 +349,8 @@ class DrivingVLM(nn.Module):
         check_values(state, skeleton, directory / WEIGHTS)
         model.load_state_dict(state, strict=False)
         model.lm.tie_weights()
+        del state
+        return_freed_memory()
         return model.eval()
 
 
