@@ -28,7 +28,7 @@ METRICS = [f"{field.name}_acc" for field in FIELDS] + ["closed_mean_acc"]
 def run(image_side, data, heldout, steps, seed, save=None):
     torch.manual_seed(seed)
     start = time.monotonic()
-    model = align_default(default_model_untrained(image_side), data=data, steps=steps, seed=seed)
+    model, _ = align_default(default_model_untrained(image_side), data=data, steps=steps, seed=seed)
     seconds = time.monotonic() - start
     if save:
         model.save_pretrained(Path(save) / image_side)
