@@ -431,6 +431,7 @@ class Decoded:
 
     def __init__(self, stop, max_tokens):
         self.stop, self.max_tokens, self.tokens, self.length, self.done = stop, max_tokens, [], 0, False
+        self.last = None  # the latest token taken, the next pass's input
 
     def take(self, tokens):
         for token in tokens:

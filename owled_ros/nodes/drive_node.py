@@ -150,6 +150,9 @@ class DriveNode(Node):
 
         if param("dtype") not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {param('dtype')!r}")
+        for name in ("draft_tokens", "draft_history"):
+            if param(name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {param(name)}")
         model = DrivingVLM.from_pretrained(resolve_model(param("model_dir")))
         self.model = model.to(param("device"), getattr(torch, param("dtype")))
         self.model_lock = threading.Lock()
