@@ -16,7 +16,7 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
@@ -81,25 +81,21 @@ class CameraInput:
         self.bad_images = collections.Counter()
         self.arrivals = {}  # camera -> (seconds from its stamp to its callback, seconds converting it)
         self.max_pixels = node.get_parameter("max_image_pixels").value
-        # Each camera in a callback group of its own: in the node's default (mutually exclusive) group the six
-        # views of a set would wait for one another, and for the node's timers, in the multi-threaded executor.
-        self.counting, self.handing_on = threading.Lock(), threading.Lock()  # what the cameras' callbacks share
         qos = camera_qos(node)
         for topic, name, transport in self.cameras:
             kind = CompressedImage if transport == "compressed" else Image
             node.create_subscription(kind, topic, lambda msg, n=name, c=transport == "compressed": self.on_image(msg, n, c),
-                                     qos, callback_group=MutuallyExclusiveCallbackGroup())
-        node.create_timer(0.05, self.on_timer, callback_group=MutuallyExclusiveCallbackGroup())
+                                     qos)
+        node.create_timer(0.05, self.on_timer)
 
     def on_image(self, msg, camera, compressed):
         received, started = time.time(), time.perf_counter()
         try:
             rgb = to_rgb(msg, compressed, self.max_pixels)
         except ImageError as error:
-            with self.counting:
-                self.bad_images[error.reason] += 1
-            self.node.get_logger().warning(f"dropped {camera} frame: {error} ({sum(self.bad_counts().values())} bad "
-                                           "so far)", throttle_duration_sec=2.0)
+            self.bad_images[error.reason] += 1
+            self.node.get_logger().warning(f"dropped {camera} frame: {error} ({sum(self.bad_images.values())} bad so far)",
+                                           throttle_duration_sec=2.0)
             return
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         # camera stamp -> callback: transport time where the cameras stamp with this host's clock
@@ -118,12 +114,7 @@ class CameraInput:
         views = [self.arrivals[camera] for camera in frame_set.images]
         frame_set.timing = {"transport_s": max(age for age, _ in views), "convert_s": sum(s for _, s in views),
                             "ready": time.monotonic()}
-        with self.handing_on:
-            self.on_frame_set(frame_set)
-
-    def bad_counts(self):
-        with self.counting:
-            return dict(self.bad_images)
+        self.on_frame_set(frame_set)
 
 
 def stamp_msg(stamp_ns):
@@ -328,8 +319,8 @@ class DriveNode(Node):
                 "dropped_views": self.cameras.sync.dropped_views,
                 "dropped_questions": self.counts["dropped_questions"], "refused_questions": self.counts["refused_questions"],
                 "worker_errors": self.counts["worker_errors"], "last_error": self.last_error,
-                "bad_images": sum(self.cameras.bad_counts().values()),
-                **{f"bad_images.{k}": v for k, v in sorted(self.cameras.bad_counts().items())},
+                "bad_images": sum(self.cameras.bad_images.values()),
+                **{f"bad_images.{k}": v for k, v in sorted(self.cameras.bad_images.items())},
                 "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
                 **{f"p50_s.{stage}": float(np.percentile(values, 50)) for stage, values in sorted(self.stages.items())},
                 "model_id": self.model_info.model_id, "method": self.model_info.method,
