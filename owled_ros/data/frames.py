@@ -15,9 +15,8 @@ class FrameSet:
 
 class FrameSync:
     """Collects the newest view of each camera; a set is complete when every camera has a view within
-    `slop_s` of the newest. The views at hand go out as a partial set, the rest reported missing, when a
-    view more than `slop_s` newer than all of them arrives (a camera skipped a frame: each camera delivers
-    in order, so the set cannot complete any more), or after `timeout_s` (wall time) without completion.
+    `slop_s` of the newest. After `timeout_s` (wall time) without completion, the views at hand go out as
+    a partial set with the rest reported missing.
     Views that never make it into a set (replaced by a newer view of the same camera, too old for the set
     that goes out, or of a set that already went out) are counted in dropped_views."""
 
@@ -27,14 +26,12 @@ class FrameSync:
         self.lock = threading.Lock()
 
     def add(self, camera, stamp_ns, image, frame_id=""):
-        """Returns the frame sets this view lets go, oldest first: [], [complete], [partial] or [partial, complete]."""
+        """Returns the frame sets this view completes: [] or [complete]."""
         with self.lock:
             if self.last_stamp is not None and stamp_ns - self.last_stamp <= self.slop_ns:
                 self.dropped_views += 1  # late for a set that went out
                 return []
             out = []
-            if self.views and stamp_ns - max(s for s, _, _ in self.views.values()) > self.slop_ns:
-                out.append(self._take())
             self.dropped_views += camera in self.views
             self.views[camera] = (stamp_ns, image, frame_id)
             self.first_arrival = self.first_arrival or self.clock()
