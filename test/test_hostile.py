@@ -278,11 +278,11 @@ def test_views_that_never_reach_a_frame_set_are_counted():
 
     now = [0.0]
     sync = FrameSync(["CAM_FRONT", "CAM_BACK"], slop_s=0.1, timeout_s=1.0, clock=lambda: now[0])
-    assert sync.add("CAM_FRONT", 10**9, "a") == []
-    assert sync.add("CAM_FRONT", 10**9 + 5 * 10**7, "b") == []  # replaces the first front view (within the slop)
-    (complete,) = sync.add("CAM_BACK", 10**9, "c")
+    assert sync.add("CAM_FRONT", 10**9, "a") is None
+    assert sync.add("CAM_FRONT", 10**9 + 5 * 10**7, "b") is None  # replaces the first front view (within the slop)
+    complete = sync.add("CAM_BACK", 10**9, "c")
     assert complete.images == {"CAM_FRONT": "b", "CAM_BACK": "c"} and sync.dropped_views == 1
-    assert sync.add("CAM_BACK", 10**9 + 2 * 10**7, "late") == [] and sync.dropped_views == 2  # its set went out
+    assert sync.add("CAM_BACK", 10**9 + 2 * 10**7, "late") is None and sync.dropped_views == 2  # its set went out
     sync.add("CAM_BACK", 3 * 10**9, "d")
     now[0] = 2.0
     partial = sync.poll()

@@ -115,17 +115,17 @@ def import_bag(bag, out, topics=None, slop_s=0.1, vehicle="bag", shard_size=64):
                 bad += 1
                 continue
             stamp = message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
-            for frame_set in sync.add(by_topic[topic], stamp, rgb):
-                if frame_set.missing:
-                    continue
-                if writer is None:
-                    writer = ShardWriter(out, f"{vehicle}-{bag_name}-{shard:04d}")
-                writer.add(f"{vehicle}-{frame_set.stamp_ns}", frame_set.images, stamp_ns=frame_set.stamp_ns,
-                           source=f"bag:{Path(bag).name}", vehicle=vehicle, qa=driving_questions())
-                written += 1
-                if writer.count >= shard_size:
-                    writer.close()
-                    writer, shard = None, shard + 1
+            frame_set = sync.add(by_topic[topic], stamp, rgb)
+            if frame_set is None:
+                continue
+            if writer is None:
+                writer = ShardWriter(out, f"{vehicle}-{bag_name}-{shard:04d}")
+            writer.add(f"{vehicle}-{frame_set.stamp_ns}", frame_set.images, stamp_ns=frame_set.stamp_ns,
+                       source=f"bag:{Path(bag).name}", vehicle=vehicle, qa=driving_questions())
+            written += 1
+            if writer.count >= shard_size:
+                writer.close()
+                writer, shard = None, shard + 1
     except BagError as error:
         damage = error
     if writer is not None:

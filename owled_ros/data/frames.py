@@ -26,18 +26,15 @@ class FrameSync:
         self.lock = threading.Lock()
 
     def add(self, camera, stamp_ns, image, frame_id=""):
-        """Returns the frame sets this view completes: [] or [complete]."""
+        """Returns a complete FrameSet or None."""
         with self.lock:
             if self.last_stamp is not None and stamp_ns - self.last_stamp <= self.slop_ns:
                 self.dropped_views += 1  # late for a set that went out
-                return []
-            out = []
+                return None
             self.dropped_views += camera in self.views
             self.views[camera] = (stamp_ns, image, frame_id)
             self.first_arrival = self.first_arrival or self.clock()
-            if set(self._present()) == set(self.cameras):
-                out.append(self._take())
-            return out
+            return self._take() if set(self._present()) == set(self.cameras) else None
 
     def poll(self):
         """A partial FrameSet once the timeout has passed, else None."""

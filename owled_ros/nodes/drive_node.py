@@ -100,7 +100,8 @@ class CameraInput:
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         # camera stamp -> callback: transport time where the cameras stamp with this host's clock
         self.arrivals[camera] = (received - stamp / 1e9, time.perf_counter() - started)
-        for frame_set in self.sync.add(camera, stamp, rgb, msg.header.frame_id):
+        frame_set = self.sync.add(camera, stamp, rgb, msg.header.frame_id)
+        if frame_set is not None:
             self.hand_on(frame_set)
 
     def on_timer(self):
