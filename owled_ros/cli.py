@@ -4,11 +4,12 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
-from .model.build import resolve_model
+from .model import load_model
 from .pruning.engine import ALLOCATIONS, OUTLIER_RATIOS, PRUNERS
-from .pruning.run import METHODS
+from .pruning.run import LAYOUTS, METHODS
 
 
 def cmd_build_default(args):
@@ -23,16 +24,16 @@ def cmd_build_default(args):
 def cmd_answer(args):
     from .data.calib import read_samples
     from .data.metadrive_world import DEMO_FRAMES
-    from .model.vlm import DrivingVLM
-
-    model = DrivingVLM.from_pretrained(resolve_model(args.model))
+    model = load_model(args.model)
     frames = args.frames or DEMO_FRAMES
     samples = read_samples(frames)
     if args.index >= len(samples):
         raise ValueError(f"--index {args.index} is out of range: {frames} has {len(samples)} frame sets")
     sample = samples[args.index]
     questions = [args.question] if args.question else [p["question"] for p in sample.qa]
-    answers, seconds = model.timed_answer([sample.images()] * len(questions), questions, args.max_new_tokens)
+    start = time.perf_counter()
+    answers = model.answer([sample.images()] * len(questions), questions, args.max_new_tokens)
+    seconds = time.perf_counter() - start
     reference = {p["question"]: p.get("answer", "") for p in sample.qa}
     for question, answer in zip(questions, answers):
         print(json.dumps({"question": question, "answer": answer, "reference": reference.get(question, "")}))
@@ -45,7 +46,7 @@ def cmd_prune(args):
     logging.getLogger("owled_ros.pruning").setLevel(logging.INFO)  # per-block targets, achieved, outlier ratios
     report = prune(args.model, args.out, args.method, args.sparsity, args.calib, args.nm, args.M,
                    args.lam, args.nsamples, args.seed, pruner=args.pruner, allocation=args.allocation,
-                   outlier_ratio=args.outlier_ratio)
+                   outlier_ratio=args.outlier_ratio, layout=args.layout)
     achieved = report["achieved"]
     print(f"pruned {report['model_id']} with {report['method']}: achieved sparsity "
           f"{achieved['pruned_components']:.4f} over pruned components ({achieved['whole_model']:.4f} of all "
@@ -111,13 +112,13 @@ def cmd_eval(args):
     from .data.calib import read_samples, write_synthetic
     from .eval.evaluate import evaluate
     from .eval.perplexity import perplexity
-    from .model.vlm import DrivingVLM
-
-    model = DrivingVLM.from_pretrained(resolve_model(args.model))
+    model = load_model(args.model)
     if args.text:
         print(json_.dumps({"perplexity": perplexity(model.lm, model.tokenizer, Path(args.text).read_text(),
                                                     args.context, args.stride), "text": args.text}))
         return
+    if not model.sees_images:
+        raise ValueError(f"{model.model_id} is a text-only model: only perplexity applies (--text FILE)")
     if args.frames is None:
         args.frames = str(Path(args.workdir) / "eval")
         if not Path(args.frames).exists():
@@ -134,7 +135,7 @@ def cmd_eval(args):
 def cmd_bench(args):
     from .eval.bench import run_bench
 
-    run_bench(resolve_model(args.model), args.out, nsamples=args.nsamples, eval_frames=args.eval_frames,
+    run_bench(args.model, args.out, nsamples=args.nsamples, eval_frames=args.eval_frames,
               generated_frames=args.generated_frames, calib=args.calib, eval_set=args.eval)
 
 
@@ -200,6 +201,9 @@ def parser():
     s.add_argument("--lam", type=float, default=0.08, help="OWL lambda: allocation spread is 2 lambda")
     s.add_argument("--nsamples", type=POSITIVE, default=128)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="pruned weights as plain safetensors with the zeros (dense: transformers/vLLM load it), our "
+                        "compact bitmask, or auto (transformers checkpoints dense, owled_ros models bitmask)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_prune)
 

@@ -295,7 +295,7 @@ def test_bad_input_gives_one_line_error_and_no_output(tiny_dirs, tmp_path, args,
 def test_peak_rss_of_a_prune_process_is_its_own_not_its_parents():
     ballast = bytearray(1_500 * 2**20)  # the parent's peak, which ru_maxrss would hand down to the child
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])
-    child = subprocess.run([sys.executable, "-c", "from owled_ros.pruning.run import peak_rss_mb; print(peak_rss_mb())"],
+    child = subprocess.run([sys.executable, "-c", "from owled_ros.model.checkpoint import peak_rss_mb; print(peak_rss_mb())"],
                            capture_output=True, text=True, check=True)
     assert 0 < float(child.stdout) < 1_000
 

@@ -16,7 +16,8 @@ from importlib import resources
 from pathlib import Path
 
 from ..data.calib import read_samples, write_synthetic
-from ..model.vlm import DrivingVLM
+from ..model import load_model
+from ..model.build import resolve_model
 from .evaluate import evaluate
 from .metrics import METEOR_SYNONYMS
 from .perplexity import perplexity
@@ -63,7 +64,7 @@ def measure(model, model_dir, eval_samples, generated, max_new_tokens, blank=Fal
            "frame_sets": scored["frame_sets"], "generated_frame_sets": scored["generated_frame_sets"]}
     for name in TEXTS:
         row[f"ppl_{name}"] = perplexity(model.lm, model.tokenizer, text_path(name).read_text())
-    row["size_mb"] = (Path(model_dir) / "model.safetensors").stat().st_size / 2**20
+    row["size_mb"] = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20
     return row
 
 
@@ -71,7 +72,10 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsit
               generated_frames=20, max_new_tokens=32, methods=("wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt"),
               high_methods=("owled-sparsegpt",), nm_methods=("wanda", "owled-sparsegpt"), calib=None, eval_set=None,
               log=print):
-    """calib, eval_set: calibration and held-out frame sets (directories); default synthetic 2-D ones."""
+    """model_dir: 'default', one of our model directories or a transformers checkpoint (closed questions only
+    where the model scores options). calib, eval_set: calibration and held-out frame sets (directories);
+    default synthetic 2-D ones."""
+    model_dir = resolve_model(str(model_dir))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -87,7 +91,7 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsit
         raise ValueError(f"{eval_set} has {len(eval_samples)} frame sets; --eval-frames asks for {eval_frames}")
     frames = "/".join(sorted({s.source.split(":")[0] for s in eval_samples}))  # synthetic (2-D) or metadrive
     started = time.time()
-    model = DrivingVLM.from_pretrained(model_dir)
+    model = load_model(model_dir)
     dense = {"name": "dense", "method": "dense", "target": "0", "achieved": 0.0,
              **measure(model, model_dir, eval_samples, generated_frames, max_new_tokens)}
     # The same dense model with every camera blanked: what the answers owe to the images.
@@ -95,8 +99,7 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsit
              **measure(model, model_dir, eval_samples, generated_frames, max_new_tokens, blank=True)}
     del model
     results = [dense, blank]
-    log(f"dense: closed mean accuracy {dense['metrics']['closed_mean_acc'][0]:.3f} "
-        f"({blank['metrics']['closed_mean_acc'][0]:.3f} with blank images)")
+    log(f"dense: {headline(dense)}; blank images: {headline(blank)}")
     plan = runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity)
     for name, method, sparsity, pattern in plan:
         command = [sys.executable, "-m", "owled_ros.cli", "prune", "--model", str(model_dir), "--out", str(work / name),
@@ -109,12 +112,11 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsit
         row = {"name": name, "method": method, "target": f"{pattern} {sparsity or ''}".strip() if pattern else sparsity,
                "achieved": report["achieved"]["pruned_components"], "prune_s": report["seconds"],
                "prune_peak_mb": report["peak_rss_mb"],
-               **measure(DrivingVLM.from_pretrained(work / name), work / name, eval_samples, generated_frames, max_new_tokens)}
+               **measure(load_model(work / name), work / name, eval_samples, generated_frames, max_new_tokens)}
         results.append(row)
         shutil.copy(work / name / "report.json", out / f"report-{name}.json")
         shutil.rmtree(work / name)
-        log(f"{name}: achieved {row['achieved']:.3f}, closed mean accuracy {row['metrics']['closed_mean_acc'][0]:.3f}, "
-            f"action {row['metrics']['action_acc'][0]:.3f}, BLEU-4 {row['metrics']['gen_bleu4'][0]:.3f}")
+        log(f"{name}: achieved {row['achieved']:.3f}, {headline(row)}")
     summary = {"model": str(model_dir), "nsamples": nsamples, "eval_frame_sets": eval_frames,
                "frames": frames,
                "generated_frame_sets": dense["generated_frame_sets"], "seconds": round(time.time() - started),
@@ -125,6 +127,18 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsit
     plot(results, out)
     shutil.rmtree(work)
     return summary
+
+
+def metric(row, key):
+    """(value, low, high) of a metric; NaN where the model does not give it (closed questions of a transformers
+    checkpoint)."""
+    return row["metrics"].get(key, (math.nan,) * 3)
+
+
+def headline(row):
+    return ", ".join(f"{name} {metric(row, key)[0]:.3f}" for key, name in
+                     (("closed_mean_acc", "closed mean accuracy"), ("gen_action_accuracy", "generated action"),
+                      ("gen_bleu4", "BLEU-4")) if not math.isnan(metric(row, key)[0]))
 
 
 def comparisons(results):
@@ -138,9 +152,9 @@ def comparisons(results):
             other = by_name.get(row["name"].replace(challenger, baseline, 1))
             if other is None or other["method"] != baseline:
                 continue
-            for metric in COMPARED:
-                diff, low, high, verdict = paired_difference(row["items"][metric], other["items"][metric])
-                found.append({"challenger": row["name"], "baseline": other["name"], "metric": metric,
+            for key in (k for k in COMPARED if k in row["items"]):
+                diff, low, high, verdict = paired_difference(row["items"][key], other["items"][key])
+                found.append({"challenger": row["name"], "baseline": other["name"], "metric": key,
                               "difference": diff, "low": low, "high": high, "verdict": verdict})
     return found
 
@@ -166,18 +180,18 @@ def markdown(summary):
              "Each cell: value [bootstrap 95 % interval over frame sets].", "",
              "Closed questions, scored by likelihood (accuracy; MAE in objects).", ""]
     lines += table(["run", "target", "achieved"] + [t for _, t in CLOSED],
-                   [[r["name"], r["target"], r["achieved"]] + [r["metrics"][k] for k, _ in CLOSED] for r in results])
+                   [[r["name"], r["target"], r["achieved"]] + [metric(r, k) for k, _ in CLOSED] for r in results])
     meteor = "exact, stem and WordNet-synonym" if summary["meteor_synonyms"] else "exact and stem (no WordNet here)"
     lines += ["", f"Generated answers (greedy): driving values parsed from the text, and language metrics (METEOR: "
                   f"{meteor} matching).", ""]
-    lines += table(["run"] + [t for _, t in GENERATED], [[r["name"]] + [r["metrics"][k] for k, _ in GENERATED] for r in results])
+    lines += table(["run"] + [t for _, t in GENERATED], [[r["name"]] + [metric(r, k) for k, _ in GENERATED] for r in results])
     lines += ["", "Perplexity, size, speed and pruning cost (each prune its own process).", ""]
     lines += table(["run"] + [t for _, t in COST], [[r["name"]] + [r.get(k, "") for k, _ in COST] for r in results])
     dense, blank = results[:2]
     lines += ["", "Do the images matter? The dense model on the same frame sets with every camera blanked.", ""]
     keys = [("closed_mean_acc", "mean acc"), ("action_acc", "action"), ("light_acc", "light"),
             ("vehicle_count_mae", "vehicle MAE"), ("gen_description_bleu4", "description BLEU-4")]
-    lines += table(["images"] + [t for _, t in keys], [[r["name"]] + [r["metrics"][k] for k, _ in keys] for r in (dense, blank)])
+    lines += table(["images"] + [t for _, t in keys], [[r["name"]] + [metric(r, k) for k, _ in keys] for r in (dense, blank)])
     verdicts = {1: "**better**", -1: "**worse**", 0: "no difference shown"}
     lines += ["", "Paired comparisons on the same frame sets: challenger − baseline [95 % interval]; better/worse "
                   "only where the interval excludes 0.", ""]
@@ -199,7 +213,7 @@ def plot(results, out):
                ("gen_bleu4", "BLEU-4 (generated)"), ("ppl_driving", "perplexity (driving text)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     dense = results[0]
-    value = lambda row, key: row["metrics"][key] if key in row["metrics"] else (row[key],) * 3
+    value = lambda row, key: (row[key],) * 3 if key in row else metric(row, key)
     for ax, (key, title) in zip(axes, metrics):
         for method in methods:
             rows = [dense] + sorted((r for r in unstructured if r["method"] == method), key=lambda r: float(r["target"]))

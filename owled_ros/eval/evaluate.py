@@ -18,7 +18,7 @@ CATEGORIES = ("perception", "prediction", "planning", "behavior")
 
 
 GENERATED = ("action_accuracy", "light_accuracy", "vehicle_count_mae", "pedestrian_count_mae", "bleu4", "meteor",
-             "rouge_l", "cider", "action_exact_match", "description_bleu4")
+             "rouge_l", "cider", "action_exact_match", "description_bleu4", "action_parsed", "light_parsed", "count_parsed")
 
 
 def images_of(sample, blank=False):
@@ -66,7 +66,12 @@ def score(results, categories=True):
     lights = by_kind("lights")
     speeds = [(parse_speed(a), s.truth["target_speed_mps"]) for s, _, a in planning]
     speeds = [(p, t) for p, t in speeds if p is not None]
+    share = lambda flags: float(np.mean(flags)) if flags else math.nan
     metrics = {
+        # how many answers the parsers could read (a model that words its answers its own way scores low here)
+        "action_parsed": share([parse_action(a) != "unknown" for _, _, a in planning]),
+        "light_parsed": share([parse_light(a) is not None for _, _, a in perception + lights]),
+        "count_parsed": share([d["n_cars"] is not None for d in described]),
         "vehicle_count_mae": mean_absolute_error([d["n_cars"] for d in described], [s.truth["n_cars"] for s, _, _ in perception]),
         "pedestrian_count_mae": mean_absolute_error([d["n_pedestrians"] for d in described],
                                                     [s.truth["n_pedestrians"] for s, _, _ in perception]),
@@ -102,10 +107,10 @@ def generated_intervals(results, keys=GENERATED):
 
 
 def evaluate(model, samples, generated=20, max_new_tokens=32, blank=False):
-    """Closed metrics on every frame set, generated-answer metrics on the first `generated` of them.
-    Returns {"metrics": {name: (value, low, high)}, "items": {closed metric: [per frame set]},
+    """Closed metrics on every frame set (models that score options), generated-answer metrics on the first
+    `generated` of them. Returns {"metrics": {name: (value, low, high)}, "items": {closed metric: [per frame set]},
     "seconds_per_answer", "answers"}."""
-    items = closed(model, samples, blank)
+    items = closed(model, samples, blank) if model.scores_options else {}
     results, seconds_per_answer = generate(model, samples[:generated], max_new_tokens, blank)
     metrics = {name: interval(values) for name, values in items.items()}
     metrics |= {f"gen_{name}": value for name, value in generated_intervals(results).items()}

@@ -23,7 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGe
 from ..data.calib import read_samples
 from ..data.world import ACTIONS, LIGHT_STATES, qa, render, sample_scene, scene_from_truth
 from .vision import load_backbone_weights
-from .vlm import CHATML, DrivingVLM, ModelLoadError, new_config
+from . import ModelLoadError, cache_dir
+from .checkpoint import peak_rss_mb
+from .vlm import CHATML, DrivingVLM, new_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "owled-smollm2-135m"
@@ -253,8 +255,6 @@ def trained_state(model, lora_state):
 def build_default(out, frames=None, recipe=BUILD):
     """Render the training scenes (or read them from `frames`), align, and write into `out` the shippable
     file (DEFAULT_WEIGHTS.name) and the whole model as a model directory. Returns the file's SHA-256."""
-    from ..pruning.run import peak_rss_mb  # (pruning resolves models through this module)
-
     out = Path(out)
     start = time.monotonic()
     if frames is None:
@@ -305,10 +305,6 @@ def load_default(path=DEFAULT_WEIGHTS, expected_sha256=DEFAULT_SHA256):
     model.lm = adapter.merge_and_unload()
     model.config["build"] = build
     return model.eval()
-
-
-def cache_dir():
-    return Path(os.environ.get("OWLED_HOME", Path.home() / ".cache" / "owled_ros"))
 
 
 def default_model_dir():

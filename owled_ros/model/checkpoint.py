@@ -9,6 +9,7 @@ At 50 % sparsity in fp32 that is 4.125 instead of 8 bytes per two weights. Loadi
 """
 import ctypes
 import json
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,14 @@ def return_freed_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def peak_rss_mb():
+    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss carries the parent's peak across
+    fork + exec, so a prune started by a big process would report that process's memory."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

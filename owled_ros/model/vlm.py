@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, T5ForConditionalGeneration
 
+from . import OWLED_FORMAT, ModelLoadError
 from .checkpoint import load_weights, return_freed_memory, save_weights, stored_shapes, unique_state_dict
 from .vision import BACKBONES, MultiViewEncoder
 
-FORMAT = "owled-vlm/1"
+FORMAT = OWLED_FORMAT
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 NUSCENES_CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
@@ -28,11 +29,11 @@ DEFAULT_VISION = {"cameras": NUSCENES_CAMERAS, "image_size": [128, 224], "patch"
 CHATML = {"before": "<|im_start|>user\n", "after": "<|im_end|>\n<|im_start|>assistant\n", "end": "<|im_end|>"}
 
 
-class ModelLoadError(ValueError):
-    pass
-
-
 class DrivingVLM(nn.Module):
+    scores_options = True  # continuation_logprobs: closed questions by likelihood
+    sees_images = True
+    default_layout = "bitmask"
+
     def __init__(self, config, lm, tokenizer):
         super().__init__()
         self.config = config
@@ -53,6 +54,9 @@ class DrivingVLM(nn.Module):
     @property
     def compression(self):
         return self.config.get("compression", {"method": "dense", "sparsity": 0.0})
+
+    def mark_pruned(self, compression, model_id):
+        self.config["compression"], self.config["model_id"] = compression, model_id
 
     def components(self):
         """Prunable stacks of blocks by component name, in forward order. The image side is its encoder (the
@@ -299,13 +303,11 @@ class DrivingVLM(nn.Module):
         picked = logits.log_softmax(-1)[torch.arange(len(rows)), ids[rows, cols]]
         return torch.zeros(len(continuations)).index_add_(0, torch.tensor(rows), picked)
 
-    def timed_answer(self, frames, questions, max_new_tokens=48):
-        start = time.perf_counter()
-        answers = self.answer(frames, questions, max_new_tokens)
-        return answers, time.perf_counter() - start
-
     # ----- save / load -----
-    def save_pretrained(self, directory, sparse_names=()):
+    def save_pretrained(self, directory, sparse_names=(), layout="bitmask"):
+        """layout 'bitmask': the weights in sparse_names in our compact layout; 'dense': all of them dense."""
+        if layout == "dense":
+            sparse_names = ()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)

@@ -125,7 +125,7 @@ def stamp_msg(stamp_ns):
 class DriveNode(Node):
     def __init__(self):
         super().__init__("owled_drive")
-        self.declare_parameter("model_dir", "default")
+        self.declare_parameter("model_dir", "default")  # "default", an owled_ros model or a transformers checkpoint
         self.declare_parameter("device", "cpu")
         # float32 | bfloat16: bfloat16 halves the decoding time here, but changes some answers (bench/drive_node.py)
         self.declare_parameter("dtype", "float32")
@@ -145,17 +145,15 @@ class DriveNode(Node):
 
         import torch  # here, not at the top: the recorder node imports this module and needs no torch
 
-        from owled_ros.model.build import resolve_model
+        from owled_ros.model import load_model
         from owled_ros.model.sparse_kernels import to_semi_structured
-        from owled_ros.model.vlm import DrivingVLM
 
         if param("dtype") not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {param('dtype')!r}")
         for name in ("draft_tokens", "draft_history"):
             if param(name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {param(name)}")
-        model = DrivingVLM.from_pretrained(resolve_model(param("model_dir")))
-        self.model = model.to(param("device"), getattr(torch, param("dtype")))
+        self.model = load_model(param("model_dir")).to(param("device"), getattr(torch, param("dtype")))
         self.model_lock = threading.Lock()
         self.max_question_chars = param("max_question_chars")
         compression = self.model.compression
@@ -188,7 +186,7 @@ class DriveNode(Node):
         self.create_subscription(Question, "/owled/questions", self.on_question, 10)
         self.create_service(Ask, "/owled/ask", self.on_ask, callback_group=ReentrantCallbackGroup())
         self.cameras = CameraInput(self, self.slot.put)
-        unknown = [name for _, name, _ in self.cameras.cameras if name not in self.model.cameras]
+        unknown = [name for _, name, _ in self.cameras.cameras if name not in (self.model.cameras or [name])]
         if unknown:
             raise ValueError(f"camera_names {unknown} are not views of model {self.model.model_id} "
                              f"(it knows {self.model.cameras})")
@@ -259,6 +257,8 @@ class DriveNode(Node):
 
     def perception_message(self, frame_set, description, latency):
         parsed = parse_description(description)
+        if all(value is None for value in parsed.values()):
+            self.counts["unparsed_answers"] += 1  # published as text, with no objects
         objects = [ObjectDescription(label=label, camera="", has_box=False, position="", distance_m=math.nan,
                                      motion=ObjectDescription.MOTION_UNKNOWN, score=math.nan)
                    for label, key in (("vehicle", "n_cars"), ("pedestrian", "n_pedestrians")) for _ in range(parsed[key] or 0)]
@@ -272,6 +272,8 @@ class DriveNode(Node):
     def action_message(self, frame_set, text, latency):
         action = parse_action(text)
         speed = parse_speed(text)
+        if action == "unknown":
+            self.counts["unparsed_answers"] += 1
         return PredictedAction(header=self.header(frame_set), action=ACTION_CODES.get(action, PredictedAction.ACTION_UNKNOWN),
                                action_label=action, rationale=text, confidence=math.nan,
                                has_target_speed=speed is not None, target_speed_mps=speed or 0.0,
@@ -320,6 +322,7 @@ class DriveNode(Node):
                 "dropped_views": self.cameras.sync.dropped_views,
                 "dropped_questions": self.counts["dropped_questions"], "refused_questions": self.counts["refused_questions"],
                 "worker_errors": self.counts["worker_errors"], "last_error": self.last_error,
+                "unparsed_answers": self.counts["unparsed_answers"],
                 "bad_images": sum(self.cameras.bad_images.values()),
                 **{f"bad_images.{k}": v for k, v in sorted(self.cameras.bad_images.items())},
                 "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),

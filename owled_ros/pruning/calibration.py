@@ -72,7 +72,7 @@ def load(source, tokenizer, nsamples, seed=0, cache=None):
     """(samples, run(model, sample), info) for a calibration directory, text file or s3://bucket/prefix."""
     if str(source).startswith("s3://"):
         from ..data.store import pull
-        from ..model.build import cache_dir
+        from ..model import cache_dir
 
         local = Path(cache or cache_dir() / "calibration" / hashlib.sha256(str(source).encode()).hexdigest()[:16])
         samples, run, info = load(pull(str(source), local), tokenizer, nsamples, seed)

@@ -1,12 +1,11 @@
 """`owled prune`: load a model directory, calibrate, prune, write a compressed model + report.json + sparsity.png."""
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
 
-from ..model.build import resolve_model
-from ..model.vlm import DrivingVLM
+from ..model import load_model
+from ..model.checkpoint import peak_rss_mb
 from . import calibration
 from .engine import PruneSpec, achieved, group_of, prunable, prune_model
 
@@ -77,45 +76,44 @@ def make_spec(method, targets, nm, m_factor, lam, pruner, allocation, outlier_ra
         raise PruneError(str(error)) from None
 
 
-def peak_rss_mb():
-    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss carries the parent's peak across
-    fork + exec, so a prune started by a big process would report that process's memory."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+LAYOUTS = ("auto", "dense", "bitmask")
 
 
 def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_factor=5.0, lam=0.08,
-          nsamples=128, seed=0, progress=True, pruner=None, allocation=None, outlier_ratio="per-layer"):
-    """Prune model_dir ('default' or a model directory) into out (written to a temporary directory, renamed at
-    the end); the arguments are checked before the model is read. Returns the report.
-    sparsity: '0.5' or 'llm=0.5,vision=0.2'; default 0.5, or with nm all that N:M removes (1 - n/m)."""
+          nsamples=128, seed=0, progress=True, pruner=None, allocation=None, outlier_ratio="per-layer", layout="auto"):
+    """Prune model_dir ('default', one of our model directories or a local transformers checkpoint) into out
+    (written to a temporary directory, renamed at the end); the arguments are checked before the model is
+    read. Returns the report. sparsity: '0.5' or 'llm=0.5,vision=0.2'; default 0.5, or with nm all that N:M
+    removes (1 - n/m). layout: how pruned weights are stored, 'dense' (plain safetensors with the zeros),
+    'bitmask' (our compact layout), 'auto' (the model's own: ours bitmask, transformers checkpoints dense)."""
     start = time.time()
     nm = parse_nm(nm)
     targets = parse_sparsity(sparsity if sparsity is not None else f"{1 - nm[0] / nm[1]:g}" if nm else "0.5")
     if not targets:
         raise PruneError("nothing to prune: every --sparsity target is 0")
     spec = make_spec(method, targets, nm, m_factor, lam, pruner, allocation, outlier_ratio)
+    if layout not in LAYOUTS:
+        raise PruneError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     out = Path(out)
     if out.exists():
         raise PruneError(f"output directory already exists: {out}")
     try:
-        model = DrivingVLM.from_pretrained(resolve_model(model_dir))
+        model = load_model(model_dir)
     except ValueError as error:
         raise PruneError(str(error)) from None
-    unknown = [t for t in targets if t not in GROUPS and t not in model.components()]
+    components = model.components()
+    unknown = [t for t in targets if t not in components and not any(group_of(c) == t for c in components)]
     if unknown:
         raise PruneError(f"--sparsity names {', '.join(unknown)}: not a component of {model.model_id} "
-                         f"(it has {', '.join(model.components())})")
+                         f"(it has {', '.join(components)})")
     samples, run, info = None, None, {"kind": "none"}
     if spec.needs_activations or spec.outlier_weighted:
         if calib is None:
             raise PruneError(f"--method {method} needs --calib")
         samples, run, info = calibration.load(calib, model.tokenizer, nsamples, seed)
         check_calibration(method, info)
+        if info["kind"] == "driving" and not model.sees_images:
+            raise PruneError(f"{model.model_id} is a text-only model: calibrate it with a text file (--calib FILE.txt)")
         if info["kind"] == "driving":
             samples, info["dense_model_answers"] = calibration.answer_missing(model, samples)
         if any(group_of(t) == "vision" for t in targets) and info["kind"] == "text":
@@ -125,15 +123,17 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
     report = make_report(model, records, method, spec, info, nsamples if samples else 0)
     report["seconds"] = round(time.time() - start, 1)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    model.config["compression"] = {"method": method, "pruner": spec.pruner, "allocation": spec.allocation,
-                                   "sparsity": report["achieved"]["pruned_components"],
-                                   "targets": targets, "nm": list(nm) if nm else None, "source_model": model.model_id}
-    model.config["model_id"] = f"{model.model_id}-{method}-" + (f"{nm[0]}of{nm[1]}-" if nm else "") + "-".join(
-        f"{g}{s:g}" for g, s in targets.items())
+    report["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    report["layout"] = model.default_layout if layout == "auto" else layout
+    model.mark_pruned({"method": method, "pruner": spec.pruner, "allocation": spec.allocation,
+                       "sparsity": report["achieved"]["pruned_components"],
+                       "targets": targets, "nm": list(nm) if nm else None, "source_model": model.model_id},
+                      f"{model.model_id}-{method}-" + (f"{nm[0]}of{nm[1]}-" if nm else "") + "-".join(
+                          f"{g}{s:g}" for g, s in targets.items()))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, sparse_names=pruned_weight_names(model, records))
+        model.save_pretrained(tmp, pruned_weight_names(model, records), report["layout"])
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         plot_report(report, tmp / "sparsity.png")
         tmp.rename(out)
