@@ -28,6 +28,7 @@ bench: setup
 	$(PY) bench/drive_node.py --frames bench/results/work-world-heldout --calib bench/results/work-world-calib --out bench/results
 	$(PY) bench/cpu_sparse.py --out bench/results
 	$(PY) bench/default_model.py --out bench/results
+	$(PY) bench/byo_model.py --out bench/results
 	$(PY) bench/update_readme.py README.md
 
 clean:

@@ -8,6 +8,6 @@ from owled_ros.nodes.launching import input_actions, node
 def generate_launch_description():
     return LaunchDescription([
         *node("drive_node", "owled_drive", "drive.yaml",
-              model_dir={"default_value": "default", "description": "dense or pruned model directory"}),
+              model_dir={"default_value": "default", "description": "default, an owled_ros model directory or a transformers checkpoint (dense or pruned)"}),
         *input_actions(),
     ])

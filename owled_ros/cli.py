@@ -24,11 +24,11 @@ def cmd_build_default(args):
 def cmd_answer(args):
     from .data.calib import read_samples
     from .data.metadrive_world import DEMO_FRAMES
-    model = load_model(args.model)
     frames = args.frames or DEMO_FRAMES
     samples = read_samples(frames)
     if args.index >= len(samples):
         raise ValueError(f"--index {args.index} is out of range: {frames} has {len(samples)} frame sets")
+    model = load_model(args.model)
     sample = samples[args.index]
     questions = [args.question] if args.question else [p["question"] for p in sample.qa]
     start = time.perf_counter()
@@ -46,7 +46,7 @@ def cmd_prune(args):
     logging.getLogger("owled_ros.pruning").setLevel(logging.INFO)  # per-block targets, achieved, outlier ratios
     report = prune(args.model, args.out, args.method, args.sparsity, args.calib, args.nm, args.M,
                    args.lam, args.nsamples, args.seed, pruner=args.pruner, allocation=args.allocation,
-                   outlier_ratio=args.outlier_ratio, layout=args.layout)
+                   outlier_ratio=args.outlier_ratio, layout=args.layout, max_memory=args.max_memory)
     achieved = report["achieved"]
     print(f"pruned {report['model_id']} with {report['method']}: achieved sparsity "
           f"{achieved['pruned_components']:.4f} over pruned components ({achieved['whole_model']:.4f} of all "
@@ -204,6 +204,8 @@ def parser():
     s.add_argument("--layout", choices=LAYOUTS, default="auto",
                    help="pruned weights as plain safetensors with the zeros (dense: transformers/vLLM load it), our "
                         "compact bitmask, or auto (transformers checkpoints dense, owled_ros models bitmask)")
+    s.add_argument("--max-memory", help="transformers checkpoints larger than this (e.g. 8GB) keep the rest of their "
+                                        "weights on disk, each block loaded while it runs or is pruned")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_prune)
 

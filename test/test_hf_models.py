@@ -113,6 +113,36 @@ def test_a_bfloat16_checkpoint_is_pruned_in_bfloat16_and_the_bitmask_layout_relo
     assert zeros == sum(layer["zeros"] for b in report["blocks"] if b["component"] == "llm" for layer in b["layers"].values())
 
 
+def test_a_checkpoint_larger_than_its_memory_cap_is_pruned_block_by_block_from_disk(work, tmp_path):
+    """--max-memory far below the checkpoint's size: accelerate keeps the weights on disk and loads each
+    module for its forward pass; the pruned blocks are written back there. Same weights as pruning in memory."""
+    from safetensors.torch import load_file
+
+    capped = tmp_path / "capped"
+    result = owled("prune", "--model", work / "llava", "--method", "owled-sparsegpt", "--sparsity", "llm=0.5,vision=0.5",
+                   "--calib", work / "calib", "--nsamples", 4, "--max-memory", "1MB", "--out", capped)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((capped / "report.json").read_text())
+    size = (work / "llava" / "model.safetensors").stat().st_size
+    assert report["max_memory"] == "1MB" and report["offloaded_parameters"] * 4 > 0.9 * size  # nearly all on disk
+    assert not (tmp_path / ".capped.offload").exists()
+    in_memory, from_disk = load_file(pruned(work, "llava") / "model.safetensors"), load_file(capped / "model.safetensors")
+    assert set(in_memory) == set(from_disk) and all(torch.equal(in_memory[k], from_disk[k]) for k in in_memory)
+
+
+def test_a_model_whose_vision_tower_cannot_be_placed_fails_naming_its_modules(work):
+    from torch import nn
+
+    from owled_ros.model.hf import find_components
+
+    hf = AutoModelForImageTextToText.from_pretrained(work / "llava")
+    assert list(find_components(hf, True)) == ["vision", "vision.projector", "llm"]
+    hf.model.vision_tower.encoder.layers = nn.ModuleList()
+    with pytest.raises(ModelLoadError, match=r"cannot place the vision tower of LlavaForConditionalGeneration: .*"
+                                             r"top-level modules: model \(LlavaModel\), lm_head \(Linear\)"):
+        find_components(hf, True)
+
+
 @pytest.mark.parametrize("case", ["no config", "no image-text class", "no processor", "vision on text-only",
                                   "unknown component", "hub id"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(work, tmp_path, case):

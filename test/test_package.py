@@ -16,7 +16,7 @@ ROSDEP_KEYS = {
     "matplotlib": "python3-matplotlib", "psutil": "python3-psutil", "rosbags": "python3-rosbags-pip",
     "boto3": "python3-boto3", "botocore": "python3-boto3", "pycocoevalcap": "python3-pycocoevalcap-pip",
     "nltk": "python3-nltk", "scipy": "python3-scipy", "PIL": "python3-pil", "ament_index_python": "ament_index_python",
-    "deep_sort_realtime": "python3-deep-sort-realtime-pip", "peft": "python3-peft-pip",
+    "deep_sort_realtime": "python3-deep-sort-realtime-pip", "peft": "python3-peft-pip", "accelerate": "python3-accelerate-pip",
 }
 
 

@@ -38,11 +38,12 @@ def is_owled_directory(directory):
         return False
 
 
-def load_model(name, dtype=None):
+def load_model(name, dtype=None, max_memory=None, offload_folder=None):
     """'default' (the shipped model), one of our model directories, or a local transformers checkpoint
     (AutoModelForImageTextToText + its processor, or AutoModelForCausalLM + its tokenizer). Nothing is
     downloaded: a hub id is refused with what to do instead. dtype: transformers checkpoints load in their
-    own dtype unless given."""
+    own dtype unless given; with max_memory (e.g. '2GB') at most that much of their weights stays in memory, the
+    rest is read from disk block by block (offload_folder holds what changes)."""
     from .build import resolve_model
 
     directory = resolve_model(str(name))
@@ -56,8 +57,11 @@ def load_model(name, dtype=None):
     if is_owled_directory(directory):
         from .vlm import DrivingVLM
 
+        if max_memory:
+            raise ModelLoadError("max_memory (offloading to disk) applies to transformers checkpoints; "
+                                 f"{directory} is an owled_ros model")
         model = DrivingVLM.from_pretrained(directory)
         return model if dtype is None else model.to(dtype)
     from .hf import HFModel
 
-    return HFModel.from_pretrained(directory, dtype)
+    return HFModel.from_pretrained(directory, dtype, max_memory, offload_folder)

@@ -7,10 +7,12 @@ tower hold besides those (LLaVA's multi_modal_projector, Idefics3's connector, Q
 becomes one chat turn: per view its camera name and its image, then the question; the processor and the
 checkpoint's chat template turn that into the model's own inputs.
 """
+import contextlib
 import inspect
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+from accelerate.utils import offload_weight
 
 from . import ModelLoadError
 from .checkpoint import load_weights, return_freed_memory, save_weights, unique_state_dict
@@ -62,6 +66,33 @@ class HFModel(nn.Module):
     def components(self):
         return dict(self.parts)
 
+    @property
+    def device(self):
+        """Where inputs go: the device the model computes on (offloaded weights sit on 'meta' between passes)."""
+        hook = getattr(self.hf, "_hf_hook", None)
+        return torch.device(hook.execution_device) if hook is not None else self.hf.device
+
+    @property
+    def offloaded(self):
+        """Parameters (elements) whose weights live on disk between forward passes (loaded with max_memory)."""
+        return sum(p.numel() for p in self.hf.parameters() if p.device.type == "meta")
+
+    @contextlib.contextmanager
+    def onloaded(self, module):
+        """module's disk-offloaded weights in memory for the duration; on exit they are written back to the
+        offload folder, from where accelerate's hooks read them at the next forward and save_pretrained."""
+        hooked = [m for m in module.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+        for m in hooked:
+            m._hf_hook.pre_forward(m)
+        try:
+            yield
+        finally:
+            for m in hooked:
+                weights = m._hf_hook.weights_map  # the offload folder's loader, seen under m's name prefix
+                for name, parameter in m.named_parameters(recurse=False):
+                    offload_weight(parameter.detach(), weights.prefix + name, weights.dataset.save_folder, weights.dataset.index)
+                m._hf_hook.post_forward(m, None)
+
     def mark_pruned(self, compression, model_id):
         self.hf.config.owled = {"model_id": model_id, "compression": compression}
 
@@ -81,10 +112,10 @@ class HFModel(nn.Module):
     def inputs(self, frames, texts):
         if not self.sees_images:
             batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            return batch.to(self.hf.device)
+            return batch.to(self.device)
         images = [[Image.fromarray(image) for image in f.values() if image is not None] for f in frames]
         batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-        return batch.to(self.hf.device, dtype=self.hf.dtype)
+        return batch.to(self.device, dtype=self.hf.dtype)
 
     def forward(self, frames, questions, answers):
         """Mean cross-entropy of the answers given frames and questions (teacher forcing)."""
@@ -100,7 +131,7 @@ class HFModel(nn.Module):
         return self.hf(**batch, labels=labels, use_cache=False).loss
 
     def forward_text(self, texts):
-        ids = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.hf.device)
+        ids = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
         labels = ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)
         return self.hf(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], labels=labels, use_cache=False).loss
 
@@ -133,7 +164,10 @@ class HFModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if layout == "dense":
-            self.hf.save_pretrained(directory)
+            # offloaded weights are read back one shard at a time: shards of a few blocks keep memory bounded
+            with warnings.catch_warnings():  # transformers warns that offloaded weights are read back (as intended)
+                warnings.filterwarnings("ignore", "Attempting to save a model with offloaded modules")
+                self.hf.save_pretrained(directory, max_shard_size="200MB" if self.offloaded else "50GB")
         else:
             self.hf.config.save_pretrained(directory)
             if self.hf.can_generate():
@@ -145,7 +179,9 @@ class HFModel(nn.Module):
                 shutil.copy2(path, directory / path.name)
 
     @classmethod
-    def from_pretrained(cls, directory, dtype=None):
+    def from_pretrained(cls, directory, dtype=None, max_memory=None, offload_folder=None):
+        """max_memory (e.g. '2GB'): keep at most that much of the weights in memory, the rest in offload_folder,
+        each module's weights loaded for its forward pass only (accelerate's device_map offload)."""
         if not sys.stderr.isatty():
             transformers.utils.logging.disable_progress_bar()  # logs and errors stay one line each
         directory = Path(directory)
@@ -161,6 +197,9 @@ class HFModel(nn.Module):
             if (directory / SPARSE_WEIGHTS).is_file():
                 hf = auto.from_config(config, dtype=dtype or config.dtype or torch.float32)
                 load_sparse(hf, directory / SPARSE_WEIGHTS)
+            elif max_memory:
+                hf = auto.from_pretrained(directory, dtype=dtype or "auto", device_map="auto",
+                                          max_memory={"cpu": max_memory}, offload_folder=offload_folder)
             else:
                 hf = auto.from_pretrained(directory, dtype=dtype or "auto")
         except (OSError, ValueError, RuntimeError) as error:

@@ -7,6 +7,7 @@ norms; XᵀX for SparseGPT), prune every linear to its planned sparsity or N:M p
 block's outputs with the pruned weights and feed them to the next block. OWL first runs the dense model
 once to measure each block's outlier ratio. Memory stays near one block's activations.
 """
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -232,11 +233,18 @@ def outlier_pass(model, components, samples, run, spec, progress=True):
         for index, block in enumerate(tqdm(blocks, desc=f"outliers {component}", leave=False, disable=not progress)):
             stats = {}
             outputs = block_outputs(block, inputs, calls[index], stats)
-            scores = {name: wanda_scores(matrix(m).detach(), stats[name].sq) for name, m in prunable(block).items()}
+            with onloaded(model, block):
+                scores = {name: wanda_scores(matrix(m).detach(), stats[name].sq) for name, m in prunable(block).items()}
             found[component].append(Outliers(outlier_ratio(scores.values(), spec.m_factor),
                                              {name: outlier_ratio([s], spec.m_factor) for name, s in scores.items()}))
             inputs = outputs
     return found
+
+
+def onloaded(model, block):
+    """The block's weights in memory while pruning reads or changes them (a model offloaded to disk writes the
+    changes back on exit); a plain module holds them anyway."""
+    return model.onloaded(block) if hasattr(model, "onloaded") else contextlib.nullcontext()
 
 
 def allocate(component, blocks, outliers, spec):
@@ -284,7 +292,8 @@ def prune_model(model, samples, run, spec, progress=True):
             ratio = outliers[component][index].block_ratio(spec.outlier_ratio) if outliers else None
             uses_nm = any(nm for _, nm in plans[index].values())
             record = BlockRecord(component, index, planned_sparsity(block, plans[index]), ratio, spec.nm if uses_nm else None)
-            record.layers = prune_block(block, stats, plans[index], spec.pruner)
+            with onloaded(model, block):
+                record.layers = prune_block(block, stats, plans[index], spec.pruner)
             del stats
             if spec.needs_activations:
                 inputs = block_outputs(block, inputs, calls[index])  # pruned outputs feed the next block

@@ -80,12 +80,15 @@ LAYOUTS = ("auto", "dense", "bitmask")
 
 
 def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_factor=5.0, lam=0.08,
-          nsamples=128, seed=0, progress=True, pruner=None, allocation=None, outlier_ratio="per-layer", layout="auto"):
+          nsamples=128, seed=0, progress=True, pruner=None, allocation=None, outlier_ratio="per-layer", layout="auto",
+          max_memory=None):
     """Prune model_dir ('default', one of our model directories or a local transformers checkpoint) into out
     (written to a temporary directory, renamed at the end); the arguments are checked before the model is
     read. Returns the report. sparsity: '0.5' or 'llm=0.5,vision=0.2'; default 0.5, or with nm all that N:M
     removes (1 - n/m). layout: how pruned weights are stored, 'dense' (plain safetensors with the zeros),
-    'bitmask' (our compact layout), 'auto' (the model's own: ours bitmask, transformers checkpoints dense)."""
+    'bitmask' (our compact layout), 'auto' (the model's own: ours bitmask, transformers checkpoints dense).
+    max_memory (e.g. '2GB'): a transformers checkpoint larger than that keeps the rest of its weights on disk,
+    each block onloaded while it runs or is pruned."""
     start = time.time()
     nm = parse_nm(nm)
     targets = parse_sparsity(sparsity if sparsity is not None else f"{1 - nm[0] / nm[1]:g}" if nm else "0.5")
@@ -97,10 +100,20 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
     out = Path(out)
     if out.exists():
         raise PruneError(f"output directory already exists: {out}")
+    offload = out.with_name(f".{out.name}.offload")
     try:
-        model = load_model(model_dir)
+        model = load_model(model_dir, max_memory=max_memory, offload_folder=offload)
+        return prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layout, max_memory, start)
     except ValueError as error:
         raise PruneError(str(error)) from None
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
+
+
+def prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layout, max_memory, start):
+    targets, nm = spec.targets, spec.nm
+    if layout == "bitmask" and getattr(model, "offloaded", 0):
+        raise PruneError("--layout bitmask needs the whole model in memory; an offloaded model (--max-memory) is saved dense")
     components = model.components()
     unknown = [t for t in targets if t not in components and not any(group_of(c) == t for c in components)]
     if unknown:
@@ -125,6 +138,7 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     report["layout"] = model.default_layout if layout == "auto" else layout
+    report["max_memory"], report["offloaded_parameters"] = max_memory, getattr(model, "offloaded", 0)
     model.mark_pruned({"method": method, "pruner": spec.pruner, "allocation": spec.allocation,
                        "sparsity": report["achieved"]["pruned_components"],
                        "targets": targets, "nm": list(nm) if nm else None, "source_model": model.model_id},
