@@ -14,6 +14,8 @@ setup(
         "transformers==5.23.0",
         "gguf==0.19.0",
         "accelerate==1.15.0",
+        "openvino==2026.4.1",
+        "nncf==3.4.0",
         "peft==0.21.2",
         "safetensors==0.8.0",
         "numpy==2.4.6",

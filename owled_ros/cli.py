@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .model import load_model
+from .runtime import BACKENDS, prepare
 from .pruning.engine import ALLOCATIONS, OUTLIER_RATIOS, PRUNERS
 from .pruning.run import LAYOUTS, METHODS
 
@@ -24,11 +25,13 @@ def cmd_build_default(args):
 def cmd_answer(args):
     from .data.calib import read_samples
     from .data.metadrive_world import DEMO_FRAMES
+
     frames = args.frames or DEMO_FRAMES
     samples = read_samples(frames)
     if args.index >= len(samples):
         raise ValueError(f"--index {args.index} is out of range: {frames} has {len(samples)} frame sets")
     model = load_model(args.model)
+    backend = prepare(model, args.backend)
     sample = samples[args.index]
     questions = [args.question] if args.question else [p["question"] for p in sample.qa]
     start = time.perf_counter()
@@ -37,7 +40,7 @@ def cmd_answer(args):
     reference = {p["question"]: p.get("answer", "") for p in sample.qa}
     for question, answer in zip(questions, answers):
         print(json.dumps({"question": question, "answer": answer, "reference": reference.get(question, "")}))
-    print(f"# {model.model_id}: {len(questions)} answers in {seconds:.2f} s", file=sys.stderr)
+    print(f"# {model.model_id} on {backend}: {len(questions)} answers in {seconds:.2f} s", file=sys.stderr)
 
 
 def cmd_prune(args):
@@ -119,6 +122,7 @@ def cmd_eval(args):
         return
     if not model.sees_images:
         raise ValueError(f"{model.model_id} is a text-only model: only perplexity applies (--text FILE)")
+    prepare(model, args.backend)
     if args.frames is None:
         args.frames = str(Path(args.workdir) / "eval")
         if not Path(args.frames).exists():
@@ -183,6 +187,8 @@ def parser():
     s.add_argument("--index", type=COUNT, default=0)
     s.add_argument("--question")
     s.add_argument("--max-new-tokens", type=POSITIVE, default=48)
+    s.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="runtime: auto (the fastest installed), torch (eager), openvino (compiled), openvino-int8")
     s.set_defaults(func=cmd_answer)
 
     s = sub.add_parser("prune", help="prune a model (magnitude, Wanda, SparseGPT; uniform or OWL; unstructured or N:M)")
@@ -260,6 +266,8 @@ def parser():
     s.add_argument("--context", type=number(int, 2), default=256)
     s.add_argument("--stride", type=POSITIVE, default=128)
     s.add_argument("--max-new-tokens", type=POSITIVE, default=40)
+    s.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="runtime: auto (the fastest installed), torch (eager), openvino (compiled), openvino-int8")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("bench", help="methods x sparsities sweep -> results.md, results.json, plots")

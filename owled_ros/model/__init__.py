@@ -61,6 +61,7 @@ def load_model(name, dtype=None, max_memory=None, offload_folder=None):
             raise ModelLoadError("max_memory (offloading to disk) applies to transformers checkpoints; "
                                  f"{directory} is an owled_ros model")
         model = DrivingVLM.from_pretrained(directory)
+        model.source = directory
         return model if dtype is None else model.to(dtype)
     from .hf import HFModel
 

@@ -4,6 +4,7 @@ A model directory holds config.json, model.safetensors (dense or sparse-bitmask,
 and the tokenizer files; DrivingVLM.from_pretrained / save_pretrained read and write it.
 """
 import copy
+import functools
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, T5ForConditionalGeneration
+from transformers.cache_utils import Cache, DynamicLayer
 
 from . import OWLED_FORMAT, ModelLoadError
 from .checkpoint import load_weights, return_freed_memory, save_weights, stored_shapes, unique_state_dict
@@ -41,6 +43,9 @@ class DrivingVLM(nn.Module):
         self.tokenizer = tokenizer
         self.vision = MultiViewEncoder(config["vision"], lm.config.d_model if self.is_t5 else lm.config.hidden_size)
         self.cameras = list(config["vision"]["cameras"])
+        # parts a runtime backend compiled (runtime/): "decoder" with decoder_step's signature, "vision" like
+        # self.vision; eager torch where absent
+        self.compiled = {}
 
     # ----- structure -----
     @property
@@ -96,7 +101,7 @@ class DrivingVLM(nn.Module):
         pixels, mask = self.pixels(frames)
         weight = self.vision.conv_proj.weight  # the model's device and dtype (float32, bfloat16)
         camera_ids = torch.arange(len(self.cameras), device=weight.device)
-        return self.vision(pixels.to(weight), camera_ids, mask.to(weight.device))
+        return self.compiled.get("vision", self.vision)(pixels.to(weight), camera_ids, mask.to(weight.device))
 
     def _text_embeddings(self, ids):
         embedded = self.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.lm.device))
@@ -197,17 +202,19 @@ class DrivingVLM(nn.Module):
                                       eos_token_id=sorted(stop))
             clock.lap("decode_s")
             return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in output]
+        run = self.compiled.get("decoder") or functools.partial(decoder_step, self.lm)
         shared = torch.stack([self._prompt_parts(image, "")[0] for image in images])
-        head = self.lm.base_model(inputs_embeds=shared, use_cache=True)
+        _, keys, values = run(shared, torch.ones(shared.shape[:2], dtype=torch.long),
+                              torch.arange(shared.shape[1]).expand(len(shared), -1), torch.zeros(len(shared), 1, dtype=torch.long))
         own = self._pad([self._prompt_parts(images[f], q)[1] for f, q in zip(frame_of.tolist(), questions)], left=True)
         mask = torch.cat([own["attention_mask"].new_ones(len(questions), shared.shape[1]), own["attention_mask"]], 1)
-        step = self.lm(inputs_embeds=own["inputs_embeds"], attention_mask=mask, use_cache=True, logits_to_keep=1,
-                       position_ids=mask.cumsum(1)[:, shared.shape[1]:] - 1,
-                       past_key_values=select_cache(head.past_key_values, frame_of))
+        last = torch.full((len(questions), 1), own["inputs_embeds"].shape[1] - 1)
+        logits, keys, values = run(own["inputs_embeds"], mask, mask.cumsum(1)[:, shared.shape[1]:] - 1, last,
+                                   keys[:, frame_of], values[:, frame_of])
         clock.lap("prefill_s")
         earlier = [[[START] + self._encode(a) + end for a in (history or {}).get(q, [])] for q in questions]
         decoded = [Decoded(stop, max_new_tokens) for _ in questions]
-        for row, token in zip(decoded, step.logits[:, -1].argmax(-1).tolist()):
+        for row, token in zip(decoded, logits[:, -1].argmax(-1).tolist()):
             row.take([token])
         position, steps = mask.sum(1), 0
         while not all(row.done for row in decoded):
@@ -219,11 +226,11 @@ class DrivingVLM(nn.Module):
             fed = torch.tensor([[0 if row.done else 1] * (1 + len(d)) + [0] * (width - 1 - len(d))
                                 for row, d in zip(decoded, drafts)])
             # generated tokens are embedded as text, the way answers were during training
-            step = self.lm(inputs_embeds=self._text_embeddings(ids), attention_mask=torch.cat([mask, fed], 1),
-                           position_ids=position[:, None] + torch.arange(width), past_key_values=step.past_key_values,
-                           use_cache=True)
+            logits, keys, values = run(self._text_embeddings(ids), torch.cat([mask, fed], 1),
+                                       position[:, None] + torch.arange(width), torch.arange(width).expand(len(ids), -1),
+                                       keys, values)
             steps += 1
-            predicted = step.logits.argmax(-1).tolist()
+            predicted = logits.argmax(-1).tolist()
             kept = []  # cache entries that stay visible: the fed token and the accepted guesses
             for row, draft, best in zip(decoded, drafts, predicted):
                 accepted = next((j for j, (guess, p) in enumerate(zip(draft, best)) if guess != p), len(draft))
@@ -460,6 +467,32 @@ def lookup_draft(context, sources, length):
                 if source[start:start + n] == tail:
                     return source[start + n:start + n + length]
     return []
+
+
+def decoder_step(lm, embeds, mask, positions, keep, keys=None, values=None):
+    """One forward pass of a decoder-only LM over new embeddings, its KV cache as two plain tensors (layers,
+    batch, kv heads, positions, head dim): the seam where a compiled runtime takes over (runtime/).
+    keep: (batch, k) positions of the new embeddings whose logits are returned. Returns (logits (batch, k,
+    vocabulary), keys, values), the cache with the new positions appended."""
+    cache = Cache(layer_class_to_replicate=RankedLayer)
+    for index, (layer_keys, layer_values) in enumerate(zip(keys if keys is not None else [], values if values is not None else [])):
+        cache.update(layer_keys, layer_values, index)
+    output = lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True)
+    hidden = output.last_hidden_state.gather(1, keep[..., None].expand(-1, -1, output.last_hidden_state.shape[-1]))
+    layers = output.past_key_values.layers
+    return (lm.get_output_embeddings()(hidden), torch.stack([layer.keys for layer in layers]),
+            torch.stack([layer.values for layer in layers]))
+
+
+class RankedLayer(DynamicLayer):
+    """A DynamicLayer that grows from an empty (batch, heads, 0, dim) tensor instead of a 1-D one: a graph
+    exported for a compiled runtime (OpenVINO) keeps the rank of what it concatenates."""
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+        self.is_initialized = True
 
 
 def select_cache(cache, rows):

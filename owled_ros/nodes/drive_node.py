@@ -129,6 +129,8 @@ class DriveNode(Node):
         self.declare_parameter("device", "cpu")
         # float32 | bfloat16: bfloat16 halves the decoding time here, but changes some answers (bench/drive_node.py)
         self.declare_parameter("dtype", "float32")
+        # auto: the fastest runtime installed (bench/runtime.py), named in the log; torch | openvino | openvino-int8
+        self.declare_parameter("backend", "auto")
         self.declare_parameter("sparse_kernels", True)  # CUDA + bfloat16: a 2:4 model's linears on sparse tensor cores
         self.declare_parameter("max_new_tokens", 48)
         # guesses checked per decoding pass, copied from the latest answers to the same question (same answers
@@ -147,13 +149,20 @@ class DriveNode(Node):
 
         from owled_ros.model import load_model
         from owled_ros.model.sparse_kernels import to_semi_structured
+        from owled_ros.runtime import BACKENDS, prepare
 
         if param("dtype") not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {param('dtype')!r}")
         for name in ("draft_tokens", "draft_history"):
             if param(name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {param(name)}")
+        if param("backend") not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {param('backend')!r}")
         self.model = load_model(param("model_dir")).to(param("device"), getattr(torch, param("dtype")))
+        started = time.perf_counter()
+        self.backend = "torch" if param("device") != "cpu" else prepare(
+            self.model, param("backend"), param("dtype"), warn=self.get_logger().warning)
+        self.get_logger().info(f"runtime backend: {self.backend} ({param('dtype')}, ready in {time.perf_counter() - started:.1f} s)")
         self.model_lock = threading.Lock()
         self.max_question_chars = param("max_question_chars")
         compression = self.model.compression
@@ -327,7 +336,7 @@ class DriveNode(Node):
                 **{f"bad_images.{k}": v for k, v in sorted(self.cameras.bad_images.items())},
                 "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
                 **{f"p50_s.{stage}": float(np.percentile(values, 50)) for stage, values in sorted(self.stages.items())},
-                "model_id": self.model_info.model_id, "method": self.model_info.method,
+                "model_id": self.model_info.model_id, "method": self.model_info.method, "backend": self.backend,
                 "sparse_kernel_linears": len(self.sparse_linears),
                 "sparsity": round(self.model_info.sparsity, 4)}
 

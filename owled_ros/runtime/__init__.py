@@ -1,0 +1,50 @@
+"""Backends that run an already-pruned model: torch eager, or compiled for the CPU with OpenVINO (its fp32 or
+bf16 inference precision, or int8 weights through NNCF). prepare() installs the compiled parts into the model
+(DrivingVLM.compiled) and says which backend runs; a backend that is missing or fails to compile leaves the
+model on torch eager with one warning. Pruning never imports this package."""
+import importlib.util
+import logging
+
+BACKENDS = ("auto", "torch", "openvino", "openvino-int8")
+log = logging.getLogger(__name__)
+
+
+def installed(backend):
+    module = {"torch": "torch", "openvino": "openvino", "openvino-int8": "nncf"}[backend]
+    return importlib.util.find_spec(module) is not None and (backend != "openvino-int8" or installed("openvino"))
+
+
+def fastest(model):
+    """The fastest backend installed for this model (bench/runtime.py measures the order): OpenVINO where it
+    is installed and the model is one of our decoder models, else torch eager."""
+    return "openvino" if supports(model) and installed("openvino") else "torch"
+
+
+def supports(model):
+    return hasattr(model, "compiled") and not getattr(model, "is_t5", True)
+
+
+def prepare(model, backend="auto", dtype="float32", threads=None, warn=log.warning):
+    """Compile `model` for `backend` in place; returns the backend that runs it ('torch' after a fallback)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    backend = fastest(model) if backend == "auto" else backend
+    if backend == "torch":
+        return backend
+    if not supports(model):
+        warn(f"backend {backend} runs owled_ros decoder models only; {model.model_id} runs on torch eager")
+        return "torch"
+    if not installed(backend):
+        warn(f"backend {backend} is not installed (pip install openvino{' nncf' if backend.endswith('int8') else ''}); "
+             "running torch eager")
+        return "torch"
+    from .openvino import compile_model
+
+    try:
+        model.compiled.update(compile_model(model, dtype, int8=backend.endswith("int8"), threads=threads))
+    except Exception as error:  # noqa: BLE001 -- any conversion failure falls back, named
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warn(f"backend {backend} could not compile {model.model_id} ({type(error).__name__}: {first}); running torch eager")
+        model.compiled.clear()
+        return "torch"
+    return backend

@@ -1,0 +1,136 @@
+"""OpenVINO backend: the decoder's forward pass (decoder_step, with its KV cache as plain tensors) and the image
+side compiled for the CPU. Converted with torch.export + openvino.convert_model (optimum-intel pins an older
+transformers); optional int8 weights with NNCF's compress_weights. The decoding loop, prompt-lookup guesses
+included, stays DrivingVLM.answer's own."""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import torch
+from torch import nn
+from torch.export import Dim
+
+from .. import __version__
+from ..model import cache_dir
+from ..model.vlm import decoder_step
+
+PRECISION = {"float32": "f32", "bfloat16": "bf16"}
+
+
+class Prefill(nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, embeds, mask, positions, keep):
+        return decoder_step(self.lm, embeds, mask, positions, keep)
+
+
+class Step(Prefill):
+    def forward(self, embeds, mask, positions, keep, keys, values):
+        return decoder_step(self.lm, embeds, mask, positions, keep, keys, values)
+
+
+class Vision(nn.Module):
+    def __init__(self, vision):
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, pixels, camera_ids, mask):
+        return self.vision(pixels, camera_ids, mask)
+
+
+def examples(lm):
+    """Inputs of Prefill and Step at sizes that specialise nothing (batch 2, 3 new tokens, 5 cached)."""
+    config = lm.config
+    heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    batch, tokens, past = 2, 3, 5
+    embeds = torch.randn(batch, tokens, config.hidden_size)
+    keep = torch.tensor([[1, 2], [0, 2]])
+    cache = torch.randn(config.num_hidden_layers, batch, heads, past, head_dim)
+    prefill = (embeds, torch.ones(batch, tokens, dtype=torch.long), torch.arange(tokens).expand(batch, -1), keep)
+    step = (embeds, torch.ones(batch, past + tokens, dtype=torch.long), torch.arange(past, past + tokens).expand(batch, -1),
+            keep, cache, cache.clone())
+    return prefill, step
+
+
+def convert(module, args, dynamic_shapes):
+    with torch.no_grad():
+        exported = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes, strict=False)
+    return ov.convert_model(exported)
+
+
+class Compiled:
+    """A compiled OpenVINO model called with torch tensors, returning torch tensors."""
+
+    def __init__(self, model, core, config):
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, *tensors):
+        self.request.infer([np.ascontiguousarray(t.detach().numpy()) for t in tensors], share_inputs=True)
+        return tuple(torch.from_numpy(self.request.get_output_tensor(i).data.copy()) for i in range(len(self.compiled.outputs)))
+
+
+def ir_cache(model, int8):
+    """Directory for the converted models of a model directory (conversion takes minutes on the real model);
+    None for a model built in memory."""
+    source = getattr(model, "source", None)
+    weights = Path(source or "") / "model.safetensors"
+    if not weights.is_file():
+        return None
+    stat = weights.stat()
+    key = f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{int8}|{ov.__version__}|{__version__}"
+    return cache_dir() / "openvino" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def converted(cache, name, build, int8):
+    """An OpenVINO model read from the cache, or built (torch.export + convert, int8 weights if asked) and saved."""
+    path = cache / f"{name}.xml" if cache else None
+    if path and path.is_file():
+        return ov.Core().read_model(path)
+    model = build()
+    if int8:
+        import nncf
+
+        model = nncf.compress_weights(model)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(model, path.with_suffix(".tmp.xml"), compress_to_fp16=False)
+        path.with_suffix(".tmp.bin").rename(path.with_suffix(".bin"))
+        path.with_suffix(".tmp.xml").rename(path)
+    return model
+
+
+def compile_model(model, dtype="float32", int8=False, threads=None):
+    """{"decoder": callable with decoder_step's signature (lm bound), "vision": callable like model.vision}."""
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": PRECISION[dtype]}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    cache = ir_cache(model, int8)
+    lm = model.lm.float()
+    batch, tokens, past, keep = Dim("batch", max=256), Dim("tokens", max=8192), Dim("past", max=8192), Dim("keep", max=8192)
+    prefill_args, step_args = examples(lm)
+    kv = {1: batch, 3: past}
+    prefill = converted(cache, "prefill", lambda: convert(Prefill(lm), prefill_args, (
+        {0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: batch, 1: keep})), int8)
+    step = converted(cache, "step", lambda: convert(Step(lm), step_args, (
+        {0: batch, 1: tokens}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: tokens}, {0: batch, 1: keep}, kv, kv)), int8)
+    prefill, step = Compiled(prefill, core, config), Compiled(step, core, config)
+
+    def decoder(embeds, mask, positions, keep, keys=None, values=None):
+        embeds = embeds.float()
+        if keys is None:
+            return prefill(embeds, mask, positions, keep)
+        return step(embeds, mask, positions, keep, keys, values)
+
+    views = len(model.cameras)
+    height, width = model.config["vision"]["image_size"]
+    images = Dim("images", max=256)
+    vision_args = (torch.randn(2, views, 3, height, width), torch.arange(views), torch.ones(2, views, dtype=torch.bool))
+    vision = Compiled(converted(cache, "vision", lambda: convert(Vision(model.vision.float()), vision_args, (
+        {0: images}, None, {0: images})), False), core, config)
+    return {"decoder": decoder, "vision": lambda pixels, camera_ids, mask: vision(pixels.float(), camera_ids, mask)[0]}

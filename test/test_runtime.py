@@ -1,0 +1,51 @@
+"""Runtime backends: the compiled OpenVINO model answers with the same greedy tokens as torch eager (fp32, tiny
+models), guesses from earlier answers included; fallbacks to torch eager are one warning, never a crash."""
+import pytest
+import torch
+
+from models import tiny_decoder, tiny_t5
+from owled_ros.data.world import CAMERAS, render, sample_scene
+from owled_ros.runtime import prepare
+
+QUESTIONS = ["What should the ego vehicle do?", "What are the important objects in the current scene?"]
+
+
+def frame_sets(count=3):
+    return [render(sample_scene(seed), CAMERAS, 64, 96) for seed in range(count)]
+
+
+def test_openvino_answers_as_torch_eager_does_and_encodes_the_same_image_tokens():
+    pytest.importorskip("openvino")
+    eager, compiled = tiny_decoder(seed=1), tiny_decoder(seed=1)
+    warnings = []
+    assert prepare(compiled, "openvino", warn=warnings.append) == "openvino" and not warnings
+    assert set(compiled.compiled) == {"decoder", "vision"}
+    frames = frame_sets()
+    with torch.no_grad():
+        assert torch.allclose(eager.image_tokens(frames), compiled.image_tokens(frames), atol=1e-4)
+    asked = [f for f in frames for _ in QUESTIONS], QUESTIONS * len(frames)
+    expected = eager.answer(*asked, max_new_tokens=12, draft_tokens=0)
+    assert compiled.answer(*asked, max_new_tokens=12, draft_tokens=0) == expected
+    history = {q: [a] for q, a in zip(asked[1], expected)}  # guesses from earlier answers: checked in one pass
+    timing = {}
+    assert compiled.answer(*asked, max_new_tokens=12, history=history, timing=timing) == expected
+    assert timing["decode_steps"] < 11  # the guesses held
+
+
+def test_a_backend_that_cannot_run_falls_back_to_torch_with_one_warning(tmp_path, monkeypatch):
+    warnings = []
+    assert prepare(tiny_t5(tmp_path), "openvino", warn=warnings.append) == "torch"
+    assert len(warnings) == 1 and "runs owled_ros decoder models only" in warnings[0]
+    model = tiny_decoder()
+    import owled_ros.runtime.openvino as backend
+
+    def broken(*_, **__):
+        raise RuntimeError("aten::frobnicate is not supported\nmore detail")
+    monkeypatch.setattr(backend, "compile_model", broken)
+    warnings.clear()
+    assert prepare(model, "openvino", warn=warnings.append) == "torch" and model.compiled == {}
+    assert warnings == ["backend openvino could not compile tiny-decoder (RuntimeError: aten::frobnicate is not "
+                        "supported); running torch eager"]
+    assert model.answer(frame_sets(1), QUESTIONS[:1], max_new_tokens=3)  # still answers
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        prepare(model, "tensorrt")
