@@ -22,7 +22,8 @@ def model_dir(tmp_path_factory):
 
 
 def params(model_dir, **extra):
-    return {"model_dir": str(model_dir), "camera_topics": "[" + ",".join(TOPICS) + "]",
+    # torch eager: converting for OpenVINO adds seconds to each start; test_runtime.py starts the node on it
+    return {"model_dir": str(model_dir), "backend": "torch", "camera_topics": "[" + ",".join(TOPICS) + "]",
             "camera_names": "[" + ",".join(NAMES) + "]", "camera_transports": "[raw,compressed,raw]",
             "max_new_tokens": 4, "max_rate_hz": 50.0, "view_timeout_s": 0.5} | extra
 
@@ -202,7 +203,8 @@ def test_long_questions_are_refused_and_flooded_ones_counted(model_dir, peer, tm
 
 @pytest.mark.parametrize("extra, words", [({"camera_names": "[CAM_FRONT,CAM_ROOF,CAM_FRONT_LEFT]"}, ["CAM_ROOF", "camera_names"]),
                                           ({"dtype": "float16"}, ["dtype", "float16", "bfloat16"]),
-                                          ({"draft_tokens": -2}, ["draft_tokens", "-2"])])
+                                          ({"draft_tokens": -2}, ["draft_tokens", "-2"]),
+                                          ({"backend": "tensorrt"}, ["backend", "tensorrt", "openvino"])])
 def test_unknown_cameras_or_a_bad_parameter_stop_the_node_at_start_up(model_dir, tmp_path, extra, words):
     node = start_node("owled_ros.nodes.drive_node", params(model_dir, **extra), tmp_path / "node.log")
     assert node.wait(timeout=60) == 2

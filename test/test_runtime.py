@@ -49,3 +49,41 @@ def test_a_backend_that_cannot_run_falls_back_to_torch_with_one_warning(tmp_path
     assert model.answer(frame_sets(1), QUESTIONS[:1], max_new_tokens=3)  # still answers
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
         prepare(model, "tensorrt")
+
+
+def test_the_drive_node_runs_on_the_fastest_backend_installed_and_names_it(tmp_path):
+    pytest.importorskip("openvino")
+    from diagnostic_msgs.msg import DiagnosticArray
+    from owled_ros.msg import PredictedAction
+    from rosutil import RELIABLE, Peer, frame, image_msg, start_node, stop_node
+    from sensor_msgs.msg import Image
+
+    tiny_decoder().save_pretrained(tmp_path / "tiny")
+    peer = Peer("runtime_test")
+    peer.collect(PredictedAction, "/owled/action")
+    peer.collect(DiagnosticArray, "/diagnostics")
+    camera = peer.node.create_publisher(Image, "/runtime/front/image", RELIABLE)
+    node = start_node("owled_ros.nodes.drive_node", {"model_dir": str(tmp_path / "tiny"), "camera_topics": "[/runtime/front/image]",
+                                                     "camera_names": "[CAM_FRONT]", "camera_transports": "[raw]",
+                                                     "max_new_tokens": 4}, tmp_path / "node.log")
+    try:
+        assert peer.wait_for_subscribers(camera, timeout=120), (tmp_path / "node.log").read_text()
+        camera.publish(image_msg(frame(1), 1_700_000_000_000_000_000))
+        peer.spin(60, until=lambda: peer.received["/owled/action"])
+        assert peer.received["/owled/action"], (tmp_path / "node.log").read_text()
+        backend = lambda: [kv.value for a in peer.received["/diagnostics"] for s in a.status for kv in s.values if kv.key == "backend"]
+        peer.spin(5, until=backend)
+        assert backend()[-1] == "openvino"
+        assert "runtime backend: openvino (float32" in (tmp_path / "node.log").read_text()
+    finally:
+        assert stop_node(node) == 0, (tmp_path / "node.log").read_text()
+        peer.close()
+
+
+def test_serving_only_drops_the_torch_copy_of_the_compiled_decoder():
+    pytest.importorskip("openvino")
+    eager, served = tiny_decoder(seed=2), tiny_decoder(seed=2)
+    assert prepare(served, "openvino", serve_only=True) == "openvino"
+    assert all(p.device.type == "meta" for p in served.lm.base_model.layers.parameters())
+    frames = frame_sets(2)
+    assert served.answer(frames, QUESTIONS, max_new_tokens=8) == eager.answer(frames, QUESTIONS, max_new_tokens=8)

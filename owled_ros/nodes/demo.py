@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
 
-from owled_ros.data.bags import write_drive
+from owled_ros.data.bags import carla_topics, write_drive
 from owled_ros.data.calib import read_samples
 from owled_ros.data.metadrive_world import DEMO_FRAMES
 from owled_ros.model.build import resolve_model
@@ -99,6 +100,12 @@ def run_demo(workdir, sparsity="0.5"):
     for key, kind in (("perception", PerceptionDescription), ("action", PredictedAction), ("answers", QAAnswer)):
         node.create_subscription(kind, f"/owled/{key}", received[key].append, 10)
     asker = node.create_publisher(Question, "/owled/questions", 10)
+    statuses = []
+    node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: statuses.extend(m.status), 10)
+    # the node subscribes once its model is ready (a compiled backend converts it on its first start: minutes)
+    ready = time.monotonic() + 900
+    while time.monotonic() < ready and drive.poll() is None and not node.count_subscribers(carla_topics()["CAM_FRONT"]):
+        rclpy.spin_once(node, timeout_sec=0.2)
     player = subprocess.Popen([sys.executable, "-m", "owled_ros.cli", "replay", str(bag), "--wait-subscribers", "1"],
                               stdout=log, stderr=subprocess.STDOUT)
     asked = False
@@ -125,7 +132,9 @@ def run_demo(workdir, sparsity="0.5"):
     for message in received["answers"]:
         print(f"answer     [{message.question_id}] {message.question} -> {message.answer!r}")
     latencies = [m.latency_s for m in received["perception"]]
-    summary = {"model": received["perception"][0].model.model_id if latencies else None,
+    backend = next((kv.value for status in reversed(statuses) for kv in status.values if kv.key == "backend"), None)
+    print(f"runtime backend of the drive node: {backend}")
+    summary = {"model": received["perception"][0].model.model_id if latencies else None, "backend": backend,
                "sparsity_llm": round(report["achieved"]["pruned_components"], 4),
                "size_mb_dense": round(size_mb(dense), 1), "size_mb_pruned": round(size_mb(workdir / "pruned"), 1),
                "frame_sets_processed": len(latencies),

@@ -161,7 +161,7 @@ class DriveNode(Node):
         self.model = load_model(param("model_dir")).to(param("device"), getattr(torch, param("dtype")))
         started = time.perf_counter()
         self.backend = "torch" if param("device") != "cpu" else prepare(
-            self.model, param("backend"), param("dtype"), warn=self.get_logger().warning)
+            self.model, param("backend"), param("dtype"), warn=self.get_logger().warning, serve_only=True)
         self.get_logger().info(f"runtime backend: {self.backend} ({param('dtype')}, ready in {time.perf_counter() - started:.1f} s)")
         self.model_lock = threading.Lock()
         self.max_question_chars = param("max_question_chars")

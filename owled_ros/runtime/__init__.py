@@ -24,8 +24,10 @@ def supports(model):
     return hasattr(model, "compiled") and not getattr(model, "is_t5", True)
 
 
-def prepare(model, backend="auto", dtype="float32", threads=None, warn=log.warning):
-    """Compile `model` for `backend` in place; returns the backend that runs it ('torch' after a fallback)."""
+def prepare(model, backend="auto", dtype="float32", threads=None, warn=log.warning, serve_only=False):
+    """Compile `model` for `backend` in place; returns the backend that runs it ('torch' after a fallback).
+    serve_only: the model will only answer (the drive node): the torch copies of what the backend compiled are
+    dropped, so the process holds the weights once (teacher-forced scoring and pruning need them)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     backend = fastest(model) if backend == "auto" else backend
@@ -47,4 +49,9 @@ def prepare(model, backend="auto", dtype="float32", threads=None, warn=log.warni
         warn(f"backend {backend} could not compile {model.model_id} ({type(error).__name__}: {first}); running torch eager")
         model.compiled.clear()
         return "torch"
+    if serve_only:
+        from ..model.checkpoint import return_freed_memory
+
+        model.lm.base_model.layers.to("meta")  # the token embeddings stay: answers embed their text in torch
+        return_freed_memory()
     return backend
