@@ -29,6 +29,7 @@ bench: setup
 	$(PY) bench/cpu_sparse.py --out bench/results
 	$(PY) bench/default_model.py --out bench/results
 	$(PY) bench/byo_model.py --out bench/results
+	$(PY) bench/runtime.py --frames bench/results/work-world-heldout --out bench/results
 	$(PY) bench/update_readme.py README.md
 
 clean:

@@ -18,16 +18,14 @@ from ..model.vlm import decoder_step
 PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 
 
-class Prefill(nn.Module):
+class Step(nn.Module):
+    """decoder_step as a module to export. One graph serves the prefill too (a cache of 0 positions): two would
+    hold the weights twice."""
+
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, embeds, mask, positions, keep):
-        return decoder_step(self.lm, embeds, mask, positions, keep)
-
-
-class Step(Prefill):
     def forward(self, embeds, mask, positions, keep, keys, values):
         return decoder_step(self.lm, embeds, mask, positions, keep, keys, values)
 
@@ -41,19 +39,19 @@ class Vision(nn.Module):
         return self.vision(pixels, camera_ids, mask)
 
 
-def examples(lm):
-    """Inputs of Prefill and Step at sizes that specialise nothing (batch 2, 3 new tokens, 5 cached)."""
+def cache_shape(lm, batch, past):
     config = lm.config
-    heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, batch, heads, past, head_dim
+
+
+def examples(lm):
+    """Inputs of Step at sizes that specialise nothing (batch 2, 3 new tokens, 5 cached)."""
     batch, tokens, past = 2, 3, 5
-    embeds = torch.randn(batch, tokens, config.hidden_size)
-    keep = torch.tensor([[1, 2], [0, 2]])
-    cache = torch.randn(config.num_hidden_layers, batch, heads, past, head_dim)
-    prefill = (embeds, torch.ones(batch, tokens, dtype=torch.long), torch.arange(tokens).expand(batch, -1), keep)
-    step = (embeds, torch.ones(batch, past + tokens, dtype=torch.long), torch.arange(past, past + tokens).expand(batch, -1),
-            keep, cache, cache.clone())
-    return prefill, step
+    cache = torch.randn(cache_shape(lm, batch, past))
+    return (torch.randn(batch, tokens, lm.config.hidden_size), torch.ones(batch, past + tokens, dtype=torch.long),
+            torch.arange(past, past + tokens).expand(batch, -1), torch.tensor([[1, 2], [0, 2]]), cache, cache.clone())
 
 
 def convert(module, args, dynamic_shapes):
@@ -113,19 +111,14 @@ def compile_model(model, dtype="float32", int8=False, threads=None):
     cache = ir_cache(model, int8)
     lm = model.lm.float()
     batch, tokens, past, keep = Dim("batch", max=256), Dim("tokens", max=8192), Dim("past", max=8192), Dim("keep", max=8192)
-    prefill_args, step_args = examples(lm)
     kv = {1: batch, 3: past}
-    prefill = converted(cache, "prefill", lambda: convert(Prefill(lm), prefill_args, (
-        {0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: batch, 1: keep})), int8)
-    step = converted(cache, "step", lambda: convert(Step(lm), step_args, (
-        {0: batch, 1: tokens}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: tokens}, {0: batch, 1: keep}, kv, kv)), int8)
-    prefill, step = Compiled(prefill, core, config), Compiled(step, core, config)
+    step = Compiled(converted(cache, "step", lambda: convert(Step(lm), examples(lm), (
+        {0: batch, 1: tokens}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: tokens}, {0: batch, 1: keep}, kv, kv)), int8), core, config)
 
     def decoder(embeds, mask, positions, keep, keys=None, values=None):
-        embeds = embeds.float()
         if keys is None:
-            return prefill(embeds, mask, positions, keep)
-        return step(embeds, mask, positions, keep, keys, values)
+            keys = values = torch.zeros(cache_shape(lm, len(embeds), 0))
+        return step(embeds.float(), mask, positions, keep, keys.float(), values.float())
 
     views = len(model.cameras)
     height, width = model.config["vision"]["image_size"]
