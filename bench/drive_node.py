@@ -15,7 +15,6 @@ give the stages (camera stamp -> callback, conversion, queue, image encoding, pr
 import argparse
 import multiprocessing
 import os
-import platform
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -38,7 +37,7 @@ from owled_ros.msg import PredictedAction
 from owled_ros.nodes.demo import dds_profile, node_process, size_mb, stop
 from owled_ros.nodes.replay import to_ros
 from owled_ros.pruning.run import prune
-from results_io import write_results
+from results_io import cpu, write_results
 
 RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
 STAGES = [("transport_s", "transport"), ("convert_s", "convert"), ("queue_s", "queue"), ("encode_s", "image encoding"),
@@ -125,7 +124,7 @@ def measure(config, bag, log_path):
         os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
     sets = frame_sets(bag, config["compressed"])
     topics = [topic for topic, _ in sets[0]]
-    params = {"model_dir": config["model"], "dtype": config["dtype"], "max_rate_hz": 1000.0,
+    params = {"model_dir": config["model"], "dtype": config["dtype"], "backend": config["backend"], "max_rate_hz": 1000.0,
               "camera_reliability": "reliable", "view_timeout_s": 30.0, "latency_window": len(sets),
               "camera_topics": "[" + ",".join(topics) + "]",
               "camera_transports": "[" + ",".join(["compressed" if config["compressed"] else "raw"] * len(topics)) + "]"}
@@ -159,7 +158,7 @@ def measure(config, bag, log_path):
 
 
 def label(row):
-    return (f"{Path(row['model']).name} {row['dtype']}, {'JPEG' if row['compressed'] else 'raw'}, "
+    return (f"{Path(row['model']).name} {row['backend']} {row['dtype']}, {'JPEG' if row['compressed'] else 'raw'}, "
             f"{'shipped profile' if row['profile'] else 'Fast DDS defaults'}"
             f"{', no guesses' if row.get('draft_tokens') == 0 else ''}")
 
@@ -230,13 +229,14 @@ def main():
                                         {c: cv2.resize(rgb, (width, height)) for c, rgb in s.images().items()})
                                        for i, s in enumerate(scenes)))
     # the node's defaults (guesses from earlier answers on) unless draft_tokens is given
-    configs = [{"model": dense, "dtype": "float32", "compressed": False, "profile": False},
-               {"model": dense, "dtype": "float32", "compressed": False, "profile": True},
-               {"model": dense, "dtype": "float32", "compressed": False, "profile": True, "draft_tokens": 0},
-               {"model": dense, "dtype": "float32", "compressed": True, "profile": True},
-               {"model": dense, "dtype": "bfloat16", "compressed": False, "profile": True}]
-    configs += [{"model": m, "dtype": dtype, "compressed": False, "profile": True} for m in pruned
-                for dtype in ("float32", "bfloat16")]
+    configs = [{"model": dense, "backend": "torch", "dtype": "float32", "compressed": False, "profile": True},
+               {"model": dense, "backend": "torch", "dtype": "bfloat16", "compressed": False, "profile": True},
+               {"model": dense, "backend": "openvino", "dtype": "float32", "compressed": False, "profile": True},
+               {"model": dense, "backend": "openvino", "dtype": "float32", "compressed": False, "profile": True, "draft_tokens": 0},
+               {"model": dense, "backend": "openvino", "dtype": "float32", "compressed": True, "profile": True},
+               {"model": dense, "backend": "openvino-int8", "dtype": "float32", "compressed": False, "profile": True}]
+    configs += [{"model": m, "backend": backend, "dtype": "float32", "compressed": False, "profile": True} for m in pruned
+                for backend in ("torch", "openvino", "openvino-int8")]
     rows = []
     for config in configs:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
@@ -245,7 +245,7 @@ def main():
               f"model p50 {rows[-1]['model_p50_s']:.2f} s", flush=True)
     set_mb = lambda compressed: sum(len(m.data) for _, m in frame_sets(bag, compressed)[0]) / 1e6
     summary = {"frame_sets": len(scenes) - 1, "size": list(args.size), "set_mb": set_mb(False), "jpeg_set_mb": set_mb(True),
-               "rows": rows, "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"}
+               "rows": rows, "machine": "{cores} CPU cores ({model}; {flags}), no GPU".format(**cpu() | {"flags": ", ".join(cpu()["flags"])})}
     write_results(out, "drive_node", summary, markdown(summary))
     shutil.rmtree(work)
 

@@ -85,10 +85,11 @@ def ir_cache(model, int8):
 
 
 def converted(cache, name, build, int8):
-    """An OpenVINO model read from the cache, or built (torch.export + convert, int8 weights if asked) and saved."""
+    """An OpenVINO model: its cached IR file (compiled from the path, the plugin holds the weights once), or built
+    (torch.export + convert, int8 weights if asked) and saved there."""
     path = cache / f"{name}.xml" if cache else None
     if path and path.is_file():
-        return ov.Core().read_model(path)
+        return str(path)
     model = build()
     if int8:
         import nncf
@@ -99,6 +100,7 @@ def converted(cache, name, build, int8):
         ov.save_model(model, path.with_suffix(".tmp.xml"), compress_to_fp16=False)
         path.with_suffix(".tmp.bin").rename(path.with_suffix(".bin"))
         path.with_suffix(".tmp.xml").rename(path)
+        return str(path)
     return model
 
 
@@ -109,6 +111,8 @@ def compile_model(model, dtype="float32", int8=False, threads=None):
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     cache = ir_cache(model, int8)
+    if cache:
+        config["CACHE_DIR"] = str(cache / "compiled")  # the plugin's own blobs: later starts skip compiling
     lm = model.lm.float()
     batch, tokens, past, keep = Dim("batch", max=256), Dim("tokens", max=8192), Dim("past", max=8192), Dim("keep", max=8192)
     kv = {1: batch, 3: past}
