@@ -207,6 +207,8 @@ def test_smollm2_as_a_plain_llama_directory_prunes_like_the_default_model_path(t
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_drive_node_serves_a_pruned_checkpoint(work, family, tmp_path):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from owled_ros.eval.parse import parse_description
     from owled_ros.msg import PerceptionDescription, PredictedAction, QAAnswer, Question
     from rosutil import RELIABLE, Peer, frame, image_msg, start_node, stop_node
     from sensor_msgs.msg import Image
@@ -216,6 +218,7 @@ def test_the_drive_node_serves_a_pruned_checkpoint(work, family, tmp_path):
     for kind, topic in ((PerceptionDescription, "/owled/perception"), (PredictedAction, "/owled/action"),
                         (QAAnswer, "/owled/answers")):
         peer.collect(kind, topic)
+    peer.collect(DiagnosticArray, "/diagnostics")
     publishers = [peer.node.create_publisher(Image, topic, RELIABLE) for topic in topics]
     node = start_node("owled_ros.nodes.drive_node", {
         "model_dir": str(pruned(work, family)), "camera_topics": "[" + ",".join(topics) + "]",
@@ -236,6 +239,14 @@ def test_the_drive_node_serves_a_pruned_checkpoint(work, family, tmp_path):
         asker.publish(Question(question_id="q1", category="planning", question="Is the light red?"))
         peer.spin(30, until=lambda: peer.received["/owled/answers"])
         assert peer.received["/owled/answers"] and peer.received["/owled/answers"][0].question_id == "q1"
+        # answers the parsers cannot read are counted on /diagnostics: one per perception without any value read
+        # and one per action read as "unknown"
+        unread = sum(all(v is None for v in parse_description(p.description).values()) for p in peer.received["/owled/perception"]) \
+            + sum(a.action_label == "unknown" for a in peer.received["/owled/action"])
+        counted = lambda: [kv.value for a in peer.received["/diagnostics"] for s in a.status for kv in s.values
+                           if kv.key == "unparsed_answers"]
+        peer.spin(5, until=lambda: counted() and counted()[-1] == str(unread))
+        assert counted()[-1] == str(unread)
     finally:
         assert stop_node(node) == 0, (tmp_path / "node.log").read_text()
         peer.close()
