@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from .data.frames import SYNC_SLOP_S
 from .model import load_model
 from .runtime import BACKENDS, prepare
 from .pruning.engine import ALLOCATIONS, OUTLIER_RATIOS, PRUNERS
@@ -236,7 +237,8 @@ def parser():
     s.add_argument("--cameras", nargs="+", default=["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK",
                                                      "CAM_BACK_LEFT", "CAM_BACK_RIGHT"], help="view name per topic")
     s.add_argument("--role", default="ego_vehicle", help="CARLA role name in the default topics")
-    s.add_argument("--slop", type=SECONDS, default=0.1, help="seconds between views of one frame set")
+    s.add_argument("--slop", type=SECONDS, default=SYNC_SLOP_S, help="seconds between views of one frame set "
+                   "(under half the camera period)")
     s.add_argument("--vehicle", default="bag")
     s.set_defaults(func=cmd_calib_from_bag)
     for name, func, help_text in (("push", cmd_calib_push, "upload completed shards to s3://bucket/prefix"),

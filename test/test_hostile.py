@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,3 +289,16 @@ def test_views_that_never_reach_a_frame_set_are_counted():
     partial = sync.poll()
     assert partial.images == {"CAM_BACK": "d"} and partial.missing == ["CAM_FRONT"]
 
+
+
+def test_ten_hz_cameras_give_every_frame_set_with_the_default_slop():
+    """Six views a set, sets 0.1 s apart, each view up to 15 ms off its set's time, arriving interleaved with
+    the next set's: every set comes out complete, with its own views."""
+    from owled_ros.data.frames import FrameSync
+
+    cameras = [f"CAM_{i}" for i in range(6)]
+    sync, rng = FrameSync(cameras), np.random.default_rng(0)
+    views = sorted((k * 10**8 + int(rng.integers(-15, 16)) * 10**6, camera, k) for k in range(50) for camera in cameras)
+    sets = [s for stamp, camera, k in views if (s := sync.add(camera, stamp, k)) is not None]
+    assert [sorted(set(s.images.values())) for s in sets] == [[k] for k in range(50)]
+    assert sync.dropped_views == 0

@@ -9,7 +9,7 @@ from rosbags.rosbag2.errors import ReaderError
 from rosbags.typesys import Stores, get_typestore
 
 from .calib import ShardWriter, check_name
-from .frames import FrameSync
+from .frames import SYNC_SLOP_S, FrameSync
 from .images import ImageError, rgb_to_fields, to_rgb
 from .world import CAMERAS, QUESTIONS, render, sample_scene
 
@@ -99,7 +99,7 @@ def camera_messages(bag, topics):
             yield connection.topic, timestamp, connection.msgtype, TYPESTORE.deserialize_cdr(raw, connection.msgtype)
 
 
-def import_bag(bag, out, topics=None, slop_s=0.1, vehicle="bag", shard_size=64):
+def import_bag(bag, out, topics=None, slop_s=SYNC_SLOP_S, vehicle="bag", shard_size=64):
     """Camera topics of a rosbag2 -> a calibration set (complete frame sets only). Returns (written, bad frames)."""
     check_name(vehicle, "vehicle id")
     topics = topics or carla_topics()

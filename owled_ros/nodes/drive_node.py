@@ -24,7 +24,7 @@ from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from owled_ros.data.frames import FrameSync, LatestSlot
+from owled_ros.data.frames import SYNC_SLOP_S, FrameSync, LatestSlot
 from owled_ros.data.images import MAX_PIXELS, ImageError, to_rgb
 from owled_ros.eval.parse import parse_action, parse_description, parse_speed
 from owled_ros.msg import ModelInfo, ObjectDescription, PerceptionDescription, PredictedAction, QAAnswer, Question
@@ -48,7 +48,7 @@ def declare_camera_parameters(node):
     node.declare_parameter("camera_topics", CARLA_TOPICS)
     node.declare_parameter("camera_names", NUSCENES_CAMERAS)
     node.declare_parameter("camera_transports", ["raw"] * len(CARLA_TOPICS))  # raw | compressed, per topic
-    node.declare_parameter("sync_slop_s", 0.1)
+    node.declare_parameter("sync_slop_s", SYNC_SLOP_S)  # under half the camera period
     node.declare_parameter("view_timeout_s", 1.0)
     node.declare_parameter("camera_reliability", "best_effort")  # best_effort (sensor data QoS) | reliable
     node.declare_parameter("max_image_pixels", MAX_PIXELS)  # larger images (raw or decoded) are refused unread
