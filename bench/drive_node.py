@@ -8,6 +8,8 @@ process over DDS, stamped with the wall clock when it goes out; the next set goe
 PredictedAction for the current one arrives. So every configuration sees every frame set (none dropped),
 end to end is publish -> PerceptionDescription + PredictedAction received, and the node's /diagnostics
 give the stages (camera stamp -> callback, conversion, queue, image encoding, prefill, decoding, publishing).
+Then, as cameras would, the same sets stream at 10 Hz (cycling) for --stream-s seconds on the dense model per
+backend: the node answers the newest complete set and drops the rest (counted); reception must keep up.
 
     .venv/bin/python bench/drive_node.py [--frames DIR] [--calib DIR]   # the default and OWLed-SparseGPT 50 % of it
     .venv/bin/python bench/drive_node.py --pruned DIR ...   # or bring pruned model directories
@@ -25,6 +27,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage
 
 from owled_ros.data.bags import camera_messages, carla_topics, write_drive
@@ -80,17 +83,43 @@ class Driver:
         return self.spin_until(lambda: all(p.get_subscription_count() for p in self.publishers.values())
                                and self.node.count_publishers("/owled/action") > 0, timeout)
 
-    def round_trip(self, frame_set, timeout=300):
-        """Seconds from publishing the set (stamped now) to its action arriving, and that action."""
-        now = self.node.get_clock().now().to_msg()
-        start = time.perf_counter()
+    def publish(self, frame_set, stamp_ns=None):
+        """Publish the set stamped stamp_ns (default: the wall clock now); returns the stamp."""
+        now = Time(nanoseconds=stamp_ns) if stamp_ns else self.node.get_clock().now()
+        now = now.to_msg()
         for topic, message in frame_set:
             message.header.stamp = now
             self.publishers[topic].publish(message)
+        return now
+
+    def round_trip(self, frame_set, timeout=300):
+        """Seconds from publishing the set (stamped now) to its action arriving, and that action."""
+        start = time.perf_counter()
+        now = self.publish(frame_set)
         matches = lambda: [a for a in self.actions if (a.header.stamp.sec, a.header.stamp.nanosec) == (now.sec, now.nanosec)]
         if not self.spin_until(matches, timeout):
             raise RuntimeError(f"no action for the frame set stamped {now.sec}.{now.nanosec:09d} within {timeout} s")
         return time.perf_counter() - start, matches()[0]
+
+    def stream(self, sets, rate_hz, seconds):
+        """Frame sets at rate_hz for `seconds`, cycling; returns how many went out and, per action that came
+        back, the seconds from its set's stamp to its arrival with the action."""
+        self.actions.clear()
+        arrivals, start, sent, first = {}, time.monotonic(), 0, time.time_ns()
+        on_action = lambda action: arrivals.setdefault((action.header.stamp.sec, action.header.stamp.nanosec), time.time())
+        self.node.create_subscription(PredictedAction, "/owled/action", on_action, 10)
+        while time.monotonic() - start < seconds:
+            # stamped at its camera time, as a camera would, even where this process is late to send it
+            self.publish(sets[sent % len(sets)], first + int(sent * 1e9 / rate_hz))
+            sent += 1
+            self.spin_until(lambda: time.monotonic() >= start + sent / rate_hz, 1.0)
+        self.spin_until(lambda: False, 5.0)  # the set in progress comes back
+        return sent, [(arrivals[s] - s[0] - s[1] / 1e9, a) for a in self.actions
+                      if (s := (a.header.stamp.sec, a.header.stamp.nanosec)) in arrivals]
+
+    def latest_status(self):
+        self.spin_until(lambda: False, 1.5)
+        return {kv.key: kv.value for s in self.diagnostics[-1].status if s.name == "owled_drive" for kv in s.values}
 
     def stages(self, processed):
         """The node's per-stage p50s from its first /diagnostics that counts `processed` frame sets."""
@@ -124,8 +153,10 @@ def measure(config, bag, log_path):
         os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
     sets = frame_sets(bag, config["compressed"])
     topics = [topic for topic, _ in sets[0]]
+    streaming = config.get("stream_hz")
     params = {"model_dir": config["model"], "dtype": config["dtype"], "backend": config["backend"], "max_rate_hz": 1000.0,
-              "camera_reliability": "reliable", "view_timeout_s": 30.0, "latency_window": len(sets),
+              "camera_reliability": "reliable", "view_timeout_s": 1.0 if streaming else 30.0,
+              "latency_window": 10_000 if streaming else len(sets),
               "camera_topics": "[" + ",".join(topics) + "]",
               "camera_transports": "[" + ",".join(["compressed" if config["compressed"] else "raw"] * len(topics)) + "]"}
     if config.get("draft_tokens") is not None:
@@ -137,6 +168,8 @@ def measure(config, bag, log_path):
         if not driver.wait_for_node():
             raise RuntimeError(f"drive node on {config['model']} did not come up (see {log.name})")
         driver.round_trip(sets[0])  # warm-up, outside the statistics
+        if streaming:
+            return {**streamed(driver, sets, config), "rss_mb": memory_mb(process.pid)[0]}
         start = time.perf_counter()
         trips = [driver.round_trip(s) for s in sets[1:]]
         wall = time.perf_counter() - start
@@ -157,6 +190,22 @@ def measure(config, bag, log_path):
             "actions": [a.action_label for _, a in trips], "rationales": [a.rationale for _, a in trips]}
 
 
+def streamed(driver, sets, config):
+    """A streaming row: sets sent, answered, dropped (newer set arrived while the model ran; views that made no
+    complete set), the node's stage p50s, and stamp -> action arrival for the answered sets."""
+    before = driver.latest_status()
+    sent, answered = driver.stream(sets, config["stream_hz"], config["stream_s"])
+    after = driver.latest_status()
+    delta = lambda key: int(after[key]) - int(before[key])
+    seconds = np.array([s for s, _ in answered])
+    model_time = np.array([a.latency_s for _, a in answered])
+    return {**config, "model": str(config["model"]), "sent": sent, "answered": len(answered),
+            "dropped_sets": delta("dropped_frame_sets"), "dropped_views": delta("dropped_views"),
+            "dropped_views_why": {k.split(".")[1]: int(v) - int(before.get(k, 0)) for k, v in after.items() if k.startswith("dropped_views.")},
+            "e2e_p50_s": float(np.percentile(seconds, 50)), "model_p50_s": float(np.percentile(model_time, 50)),
+            "stages_p50_s": {key: float(after[f"p50_s.{key}"]) for key, _ in STAGES if f"p50_s.{key}" in after}}
+
+
 def label(row):
     return (f"{Path(row['model']).name} {row['backend']} {row['dtype']}, {'JPEG' if row['compressed'] else 'raw'}, "
             f"{'shipped profile' if row['profile'] else 'Fast DDS defaults'}"
@@ -166,6 +215,7 @@ def label(row):
 def markdown(summary):
     rows = summary["rows"]
     reference = rows[0]
+    streams = summary["streams"]
     lines = [f"{summary['frame_sets']} held-out MetaDrive frame sets, six cameras scaled to {summary['size'][1]}x"
              f"{summary['size'][0]} (bgra8, "
              f"{summary['set_mb']:.1f} MB a set; JPEG: {summary['jpeg_set_mb']:.1f} MB), published one set at a time over "
@@ -189,6 +239,17 @@ def markdown(summary):
     for row in rows:
         lines.append(f"| {label(row)} | " + " | ".join(f"{row['stages_p50_s'].get(key, float('nan')):.3f}"
                                                      for key, _ in STAGES) + " |")
+    lines += ["", f"Cameras streaming at {streams[0]['stream_hz']:g} Hz for {streams[0]['stream_s']:g} s (the same sets, "
+                  "cycling, reliable QoS as above). Answered: actions received; dropped sets: complete sets replaced by a newer one "
+                  "while the model ran; dropped views: views that made no complete set; e2e: camera stamp -> action "
+                  "received.", "",
+              "| configuration | sent | answered | dropped sets | dropped views | transport p50 s | queue p50 s "
+              "| model p50 s | e2e p50 s | RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in streams:
+        stage = lambda key: row["stages_p50_s"].get(key, float("nan"))
+        lines.append(f"| {label(row)} | {row['sent']} | {row['answered']} | {row['dropped_sets']} | {row['dropped_views']} "
+                     f"| {stage('transport_s'):.3f} | {stage('queue_s'):.3f} | {row['model_p50_s']:.2f} | "
+                     f"{row['e2e_p50_s']:.2f} | {row['rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +262,7 @@ def main():
     p.add_argument("--frames", default=str(DEMO_FRAMES), help="MetaDrive frame sets to drive through (default: shipped)")
     p.add_argument("--count", type=int, default=20, help="frame sets measured (one more warms up)")
     p.add_argument("--size", type=int, nargs=2, default=(450, 800), metavar=("HEIGHT", "WIDTH"))
+    p.add_argument("--stream-s", type=float, default=30.0, help="seconds of 10 Hz streaming per backend")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -237,15 +299,20 @@ def main():
                {"model": dense, "backend": "openvino-int8", "dtype": "float32", "compressed": False, "profile": True}]
     configs += [{"model": m, "backend": backend, "dtype": "float32", "compressed": False, "profile": True} for m in pruned
                 for backend in ("torch", "openvino", "openvino-int8")]
+    configs += [{"model": dense, "backend": backend, "dtype": dtype, "compressed": False, "profile": True,
+                 "stream_hz": 10.0, "stream_s": args.stream_s}
+                for backend, dtype in (("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"),
+                                       ("openvino-int8", "float32"))]
     rows = []
     for config in configs:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
             rows.append(child.submit(measure, config, bag, work / "nodes.log").result())
-        print(f"{label(rows[-1])}: {rows[-1]['fps']:.2f} fps, e2e p50 {rows[-1]['e2e_p50_s']:.2f} s, "
-              f"model p50 {rows[-1]['model_p50_s']:.2f} s", flush=True)
+        print(f"{label(rows[-1])}: e2e p50 {rows[-1]['e2e_p50_s']:.2f} s, model p50 {rows[-1]['model_p50_s']:.2f} s",
+              flush=True)
     set_mb = lambda compressed: sum(len(m.data) for _, m in frame_sets(bag, compressed)[0]) / 1e6
     summary = {"frame_sets": len(scenes) - 1, "size": list(args.size), "set_mb": set_mb(False), "jpeg_set_mb": set_mb(True),
-               "rows": rows, "machine": "{cores} CPU cores ({model}; {flags}), no GPU".format(**cpu() | {"flags": ", ".join(cpu()["flags"])})}
+               "rows": [r for r in rows if "stream_hz" not in r], "streams": [r for r in rows if "stream_hz" in r],
+               "machine": "{cores} CPU cores ({model}; {flags}), no GPU".format(**cpu() | {"flags": ", ".join(cpu()["flags"])})}
     write_results(out, "drive_node", summary, markdown(summary))
     shutil.rmtree(work)
 

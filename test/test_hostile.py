@@ -284,10 +284,12 @@ def test_views_that_never_reach_a_frame_set_are_counted():
     complete = sync.add("CAM_BACK", 10**9, "c")
     assert complete.images == {"CAM_FRONT": "b", "CAM_BACK": "c"} and sync.dropped_views == 1
     assert sync.add("CAM_BACK", 10**9 + 2 * 10**7, "late") is None and sync.dropped_views == 2  # its set went out
+    sync.add("CAM_FRONT", 2 * 10**9, "stale")
     sync.add("CAM_BACK", 3 * 10**9, "d")
     now[0] = 2.0
     partial = sync.poll()
     assert partial.images == {"CAM_BACK": "d"} and partial.missing == ["CAM_FRONT"]
+    assert sync.dropped == {"replaced": 1, "late": 1, "stale": 1} and sync.dropped_views == 3
 
 
 

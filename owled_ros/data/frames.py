@@ -1,4 +1,5 @@
 """Grouping camera views into frame sets by approximate time, and a newest-only hand-off slot."""
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,24 +22,29 @@ class FrameSync:
     """Collects the newest view of each camera; a set is complete when every camera has a view within
     `slop_s` of the newest. After `timeout_s` (wall time) without completion, the views at hand go out as
     a partial set with the rest reported missing.
-    Views that never make it into a set (replaced by a newer view of the same camera, too old for the set
-    that goes out, or of a set that already went out) are counted in dropped_views."""
+    Views that never make it into a set are counted by why in `dropped`: replaced (a newer view of the same
+    camera came first), stale (too old for the set that went out), late (their set already went out)."""
 
     def __init__(self, cameras, slop_s=SYNC_SLOP_S, timeout_s=1.0, clock=time.monotonic):
         self.cameras, self.slop_ns, self.timeout_s, self.clock = list(cameras), int(slop_s * 1e9), timeout_s, clock
-        self.views, self.first_arrival, self.dropped_views, self.last_stamp = {}, None, 0, None
+        self.views, self.first_arrival, self.last_stamp = {}, None, None
+        self.dropped = collections.Counter()
         self.lock = threading.Lock()
 
     def add(self, camera, stamp_ns, image, frame_id=""):
         """Returns a complete FrameSet or None."""
         with self.lock:
             if self.last_stamp is not None and stamp_ns - self.last_stamp <= self.slop_ns:
-                self.dropped_views += 1  # late for a set that went out
+                self.dropped["late"] += 1
                 return None
-            self.dropped_views += camera in self.views
+            self.dropped["replaced"] += camera in self.views
             self.views[camera] = (stamp_ns, image, frame_id)
             self.first_arrival = self.first_arrival or self.clock()
             return self._take() if set(self._present()) == set(self.cameras) else None
+
+    @property
+    def dropped_views(self):
+        return sum(self.dropped.values())
 
     def poll(self):
         """A partial FrameSet once the timeout has passed, else None."""
@@ -53,7 +59,7 @@ class FrameSync:
 
     def _take(self):
         present = self._present()
-        self.dropped_views += len(self.views) - len(present)
+        self.dropped["stale"] += len(self.views) - len(present)
         views = {c: present[c] for c in self.cameras if c in present}
         self.last_stamp = max(s for s, _, _ in views.values())
         frame_id = views.get(self.cameras[0], next(iter(views.values())))[2]

@@ -60,6 +60,17 @@ class DrivingVLM(nn.Module):
     def compression(self):
         return self.config.get("compression", {"method": "dense", "sparsity": 0.0})
 
+    def serve_compiled(self):
+        """Drop the torch weights of the parts a runtime compiled (self.compiled), so that a process that only
+        answers (the drive node) holds them once; teacher-forced scoring and pruning still need them."""
+        if "decoder" in self.compiled:
+            self.lm.base_model.layers.to("meta")  # the token embeddings stay: answers embed their text in torch
+        if "vision" in self.compiled:
+            for name, module in self.vision.named_children():
+                if name not in ("conv_proj", "modal_embeddings"):  # still read: device and dtype, the text's modality
+                    module.to("meta")
+        return_freed_memory()
+
     def mark_pruned(self, compression, model_id):
         self.config["compression"], self.config["model_id"] = compression, model_id
 

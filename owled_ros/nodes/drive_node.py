@@ -329,6 +329,7 @@ class DriveNode(Node):
         latencies = np.array(self.latencies) if self.latencies else np.array([math.nan])
         return {"processed_frame_sets": self.processed, "dropped_frame_sets": self.slot.dropped,
                 "dropped_views": self.cameras.sync.dropped_views,
+                **{f"dropped_views.{k}": v for k, v in sorted(self.cameras.sync.dropped.items())},
                 "dropped_questions": self.counts["dropped_questions"], "refused_questions": self.counts["refused_questions"],
                 "worker_errors": self.counts["worker_errors"], "last_error": self.last_error,
                 "unparsed_answers": self.counts["unparsed_answers"],

@@ -50,8 +50,5 @@ def prepare(model, backend="auto", dtype="float32", threads=None, warn=log.warni
         model.compiled.clear()
         return "torch"
     if serve_only:
-        from ..model.checkpoint import return_freed_memory
-
-        model.lm.base_model.layers.to("meta")  # the token embeddings stay: answers embed their text in torch
-        return_freed_memory()
+        model.serve_compiled()
     return backend
