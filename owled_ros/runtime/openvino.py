@@ -16,6 +16,21 @@ from ..model import cache_dir
 from ..model.vlm import decoder_step
 
 PRECISION = {"float32": "f32", "bfloat16": "bf16"}
+# OpenVINO runs int8 linears at least this sparse with its sparse weights decompression, on CPUs with AMX only
+SPARSE_RATE = 0.5
+
+
+def has_amx():
+    """Whether this CPU has AMX (int8 tiles), which OpenVINO's sparse weights decompression needs."""
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def sparse_weights(model, int8):
+    """Whether the compiled model runs its pruned int8 linears as sparse weights."""
+    return int8 and has_amx() and model.compression.get("sparsity", 0) >= SPARSE_RATE
 
 
 class Step(nn.Module):
@@ -110,6 +125,8 @@ def compile_model(model, dtype="float32", int8=False, threads=None):
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": PRECISION[dtype]}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    if sparse_weights(model, int8):
+        config["CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE"] = SPARSE_RATE
     cache = ir_cache(model, int8)
     if cache:
         config["CACHE_DIR"] = str(cache / "compiled")  # the plugin's own blobs: later starts skip compiling
