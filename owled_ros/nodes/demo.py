@@ -132,12 +132,17 @@ def run_demo(workdir, sparsity="0.5"):
     for message in received["answers"]:
         print(f"answer     [{message.question_id}] {message.question} -> {message.answer!r}")
     latencies = [m.latency_s for m in received["perception"]]
-    backend = next((kv.value for status in reversed(statuses) for kv in status.values if kv.key == "backend"), None)
+    node_stats = {kv.key: kv.value for kv in statuses[-1].values} if statuses else {}
+    backend = node_stats.get("backend")
+    dropped = {"while the model was busy": int(node_stats.get("dropped_frame_sets", 0)),
+               **{f"views {k.split('.', 1)[1]}": int(v) for k, v in node_stats.items() if k.startswith("dropped_views.")}}
     print(f"runtime backend of the drive node: {backend}")
+    print(f"frame sets: {len(scenes)} in the drive, {len(latencies)} answered, dropped: "
+          + (", ".join(f"{n} {why}" for why, n in dropped.items()) or "none"))
     summary = {"model": received["perception"][0].model.model_id if latencies else None, "backend": backend,
                "sparsity_llm": round(report["achieved"]["pruned_components"], 4),
                "size_mb_dense": round(size_mb(dense), 1), "size_mb_pruned": round(size_mb(workdir / "pruned"), 1),
-               "frame_sets_processed": len(latencies),
+               "frame_sets": len(scenes), "frame_sets_processed": len(latencies), "dropped": dropped,
                "latency_p50_s": round(float(np.percentile(latencies, 50)), 2) if latencies else None,
                "latency_p95_s": round(float(np.percentile(latencies, 95)), 2) if latencies else None,
                "seconds": {k: round(v, 1) for k, v in timings.items()}}
