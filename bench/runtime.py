@@ -79,7 +79,9 @@ def markdown(summary):
              f"sets, 6 views), {summary['cpu']['model']} ({', '.join(summary['cpu']['flags'])}), {summary['cpu']['cores']} "
              "cores; each row its own process. agree: answers equal to torch eager fp32 on the same model. "
              "× dense: p50 against the dense model in the same backend and dtype; faster: whether the sparse model was "
-             "faster on more frame sets than chance allows (paired, two-sided sign test, p < 0.05). sparse weights: OpenVINO's sparse "
+             "faster on more frame sets than chance allows (paired, two-sided sign test, p < 0.05); the time of a frame set includes its answers' length, so a pruned "
+             "model that answers in fewer tokens finishes sooner with no faster kernel: decode ms/token compares the "
+             "kernels. sparse weights: OpenVINO's sparse "
              "weights decompression ran (int8 on AMX CPUs; elsewhere not available, and the sparse model runs dense "
              "kernels).", ""]
     header = ["model", "backend", "dtype", "p50 s", "× torch fp32", "× dense", "faster than dense", "sparse weights",
