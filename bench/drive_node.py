@@ -69,8 +69,8 @@ class Driver:
         rclpy.init()
         self.node = rclpy.create_node("owled_bench_driver")
         self.publishers = {t: self.node.create_publisher(type(m), t, RELIABLE) for t, m in frame_set}
-        self.actions, self.diagnostics = [], []
-        self.node.create_subscription(PredictedAction, "/owled/action", self.actions.append, 10)
+        self.actions, self.diagnostics, self.arrivals = [], [], {}  # arrivals: action stamp -> wall-clock arrival
+        self.node.create_subscription(PredictedAction, "/owled/action", self.on_action, 10)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
 
     def spin_until(self, done, timeout):
@@ -79,14 +79,17 @@ class Driver:
             rclpy.spin_once(self.node, timeout_sec=0.02)
         return done()
 
+    def on_action(self, action):
+        self.arrivals[(action.header.stamp.sec, action.header.stamp.nanosec)] = time.time()
+        self.actions.append(action)
+
     def wait_for_node(self, timeout=600):
         return self.spin_until(lambda: all(p.get_subscription_count() for p in self.publishers.values())
                                and self.node.count_publishers("/owled/action") > 0, timeout)
 
     def publish(self, frame_set, stamp_ns=None):
         """Publish the set stamped stamp_ns (default: the wall clock now); returns the stamp."""
-        now = Time(nanoseconds=stamp_ns) if stamp_ns else self.node.get_clock().now()
-        now = now.to_msg()
+        now = (self.node.get_clock().now() if stamp_ns is None else Time(nanoseconds=stamp_ns)).to_msg()
         for topic, message in frame_set:
             message.header.stamp = now
             self.publishers[topic].publish(message)
@@ -105,17 +108,15 @@ class Driver:
         """Frame sets at rate_hz for `seconds`, cycling; returns how many went out and, per action that came
         back, the seconds from its set's stamp to its arrival with the action."""
         self.actions.clear()
-        arrivals, start, sent, first = {}, time.monotonic(), 0, time.time_ns()
-        on_action = lambda action: arrivals.setdefault((action.header.stamp.sec, action.header.stamp.nanosec), time.time())
-        self.node.create_subscription(PredictedAction, "/owled/action", on_action, 10)
+        start, sent, first = time.monotonic(), 0, time.time_ns()
         while time.monotonic() - start < seconds:
             # stamped at its camera time, as a camera would, even where this process is late to send it
             self.publish(sets[sent % len(sets)], first + int(sent * 1e9 / rate_hz))
             sent += 1
             self.spin_until(lambda: time.monotonic() >= start + sent / rate_hz, 1.0)
         self.spin_until(lambda: False, 5.0)  # the set in progress comes back
-        return sent, [(arrivals[s] - s[0] - s[1] / 1e9, a) for a in self.actions
-                      if (s := (a.header.stamp.sec, a.header.stamp.nanosec)) in arrivals]
+        stamp = lambda a: (a.header.stamp.sec, a.header.stamp.nanosec)
+        return sent, [(self.arrivals[stamp(a)] - stamp(a)[0] - stamp(a)[1] / 1e9, a) for a in self.actions]
 
     def latest_status(self):
         self.spin_until(lambda: False, 1.5)

@@ -91,7 +91,7 @@ def markdown(summary):
         base = next(b for b in summary["rows"] if b["method"] == r["method"] and b["backend"] == "torch" and b["dtype"] == "float32")
         dense = next(b for b in summary["rows"] if b["method"] == "dense" and b["backend"] == r["backend"] and b["dtype"] == r["dtype"])
         sparse = r["method"] != "dense"
-        weights = ("yes" if r["sparse_weights"] else "not available" if summary["amx"] is False else "no") \
+        weights = ("yes" if r["sparse_weights"] else "not available" if "amx_int8" not in summary["cpu"]["flags"] else "no") \
             if sparse and r["backend"] == "openvino-int8" else "—"
         cells = [r["method"], r["backend"], r["dtype"], f"{r['p50_s']:.2f}", f"{r['p50_s'] / base['p50_s']:.2f}",
                  f"{r['p50_s'] / dense['p50_s']:.2f}" if sparse else "—", faster(r, dense) if sparse else "—", weights,
@@ -112,8 +112,6 @@ def main():
         print(json.dumps(one_row(*args.row, args.frames, args.count)))
         return
     from owled_ros.data.metadrive_world import DEMO_FRAMES
-
-    from owled_ros.runtime.openvino import has_amx
 
     started, rows = time.time(), []
     with tempfile.TemporaryDirectory() as work:
@@ -136,7 +134,7 @@ def main():
                 row["agree"] = sum(a == b for a, b in pairs) / len(pairs)
                 rows.append(row)
                 print({k: v for k, v in row.items() if k != "answers"}, flush=True)
-    summary = {"cpu": cpu(), "amx": has_amx(), "frame_sets": args.count, "seconds": round(time.time() - started), "rows": rows}
+    summary = {"cpu": cpu(), "frame_sets": args.count, "seconds": round(time.time() - started), "rows": rows}
     write_results(Path(args.out), "runtime", summary, markdown(summary))
 
 

@@ -292,10 +292,9 @@ def test_views_that_never_reach_a_frame_set_are_counted():
     assert sync.dropped == {"replaced": 1, "late": 1, "stale": 1} and sync.dropped_views == 3
 
 
-
 def test_ten_hz_cameras_give_every_frame_set_with_the_default_slop():
-    """Six views a set, sets 0.1 s apart, each view up to 15 ms off its set's time, arriving interleaved with
-    the next set's: every set comes out complete, with its own views."""
+    """Six views a set, sets 0.1 s apart, each view up to 15 ms off its set's time, arriving in stamp order:
+    every set comes out complete, with its own views (a 0.1 s slop took the next set's views as late)."""
     from owled_ros.data.frames import FrameSync
 
     cameras = [f"CAM_{i}" for i in range(6)]
