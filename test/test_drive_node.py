@@ -204,6 +204,7 @@ def test_long_questions_are_refused_and_flooded_ones_counted(model_dir, peer, tm
 @pytest.mark.parametrize("extra, words", [({"camera_names": "[CAM_FRONT,CAM_ROOF,CAM_FRONT_LEFT]"}, ["CAM_ROOF", "camera_names"]),
                                           ({"dtype": "float16"}, ["dtype", "float16", "bfloat16"]),
                                           ({"draft_tokens": -2}, ["draft_tokens", "-2"]),
+                                          ({"inference_threads": -1}, ["inference_threads", "-1"]),
                                           ({"backend": "tensorrt"}, ["backend", "tensorrt", "openvino"])])
 def test_unknown_cameras_or_a_bad_parameter_stop_the_node_at_start_up(model_dir, tmp_path, extra, words):
     node = start_node("owled_ros.nodes.drive_node", params(model_dir, **extra), tmp_path / "node.log")

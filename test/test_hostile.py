@@ -277,19 +277,33 @@ def test_a_truncated_bag_is_a_one_line_error(tmp_path, storage):
 def test_views_that_never_reach_a_frame_set_are_counted():
     from owled_ros.data.frames import FrameSync
 
-    now = [0.0]
-    sync = FrameSync(["CAM_FRONT", "CAM_BACK"], slop_s=0.1, timeout_s=1.0, clock=lambda: now[0])
-    assert sync.add("CAM_FRONT", 10**9, "a") is None
-    assert sync.add("CAM_FRONT", 10**9 + 5 * 10**7, "b") is None  # replaces the first front view (within the slop)
-    complete = sync.add("CAM_BACK", 10**9, "c")
-    assert complete.images == {"CAM_FRONT": "b", "CAM_BACK": "c"} and sync.dropped_views == 1
-    assert sync.add("CAM_BACK", 10**9 + 2 * 10**7, "late") is None and sync.dropped_views == 2  # its set went out
-    sync.add("CAM_FRONT", 2 * 10**9, "stale")
-    sync.add("CAM_BACK", 3 * 10**9, "d")
-    now[0] = 2.0
+    now, ms = [0.0], 10**6
+    sync = FrameSync(["CAM_FRONT", "CAM_BACK"], slop_s=0.04, timeout_s=1.0, clock=lambda: now[0], queue_size=2)
+    assert sync.add("CAM_FRONT", 1000 * ms, "a") is None
+    assert sync.add("CAM_BACK", 1100 * ms, "b") is None
+    assert sync.add("CAM_FRONT", 1110 * ms, "c").images == {"CAM_FRONT": "c", "CAM_BACK": "b"}
+    assert sync.dropped == {"stale": 1}  # "a": the back camera had moved past it
+    assert sync.add("CAM_BACK", 1130 * ms, "late") is None and sync.dropped["late"] == 1  # its set went out
+    for stamp in (1200, 1300, 1400):  # the back camera is silent: the front queue (2 views) overflows
+        assert sync.add("CAM_FRONT", stamp * ms, stamp) is None
+    assert sync.poll() is None and sync.dropped["replaced"] == 1
+    now[0] = 1.0
     partial = sync.poll()
-    assert partial.images == {"CAM_BACK": "d"} and partial.missing == ["CAM_FRONT"]
-    assert sync.dropped == {"replaced": 1, "late": 1, "stale": 1} and sync.dropped_views == 3
+    assert partial.images == {"CAM_FRONT": 1400} and partial.missing == ["CAM_BACK"]
+    assert sync.dropped == {"stale": 2, "late": 1, "replaced": 1} and sync.dropped_views == 4  # 1300: stale
+    assert sync.poll() is None
+
+
+def test_views_arriving_out_of_step_across_cameras_all_reach_their_sets():
+    """The front camera's next view arrives before the back camera's current one (topics are delivered
+    independently): both sets still come out, each with its own views."""
+    from owled_ros.data.frames import FrameSync
+
+    sync, ms = FrameSync(["CAM_FRONT", "CAM_BACK"]), 10**6
+    arrivals = [("CAM_FRONT", 0, "f0"), ("CAM_FRONT", 100, "f1"), ("CAM_BACK", 10, "b0"), ("CAM_FRONT", 200, "f2"),
+                ("CAM_BACK", 95, "b1"), ("CAM_BACK", 210, "b2")]
+    sets = [s.images for camera, stamp, image in arrivals if (s := sync.add(camera, stamp * ms, image))]
+    assert sets == [{"CAM_FRONT": f"f{k}", "CAM_BACK": f"b{k}"} for k in range(3)] and sync.dropped_views == 0
 
 
 def test_ten_hz_cameras_give_every_frame_set_with_the_default_slop():

@@ -1,4 +1,5 @@
 """Grouping camera views into frame sets by approximate time, and a newest-only hand-off slot."""
+import bisect
 import collections
 import threading
 import time
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 # Under half the period of 10 Hz cameras: a wider window would take the next set's views for this set's (at
 # 10 Hz and 0.1 s, 3 of 5 frame sets were lost that way).
 SYNC_SLOP_S = 0.04
+QUEUE_SIZE = 5  # views per camera awaiting their set: half a second at 10 Hz
 
 
 @dataclass
@@ -19,28 +21,34 @@ class FrameSet:
 
 
 class FrameSync:
-    """Collects the newest view of each camera; a set is complete when every camera has a view within
-    `slop_s` of the newest. After `timeout_s` (wall time) without completion, the views at hand go out as
-    a partial set with the rest reported missing.
-    Views that never make it into a set are counted by why in `dropped`: replaced (a newer view of the same
-    camera came first), stale (too old for the set that went out), late (their set already went out)."""
+    """Groups views of several cameras into frame sets by approximate time, as message_filters'
+    ApproximateTime does: each camera has a short queue, and a set goes out when every camera's oldest queued
+    view lies within `slop_s` of the others, so a camera whose next view arrives before another camera's
+    current one loses nothing. After `timeout_s` (wall time) without a complete set, the newest views at hand
+    go out as a partial set with the rest reported missing.
+    Views that never make it into a set are counted by why in `dropped`: replaced (pushed out of a full queue),
+    stale (no view of some other camera lies within the slop), late (their set already went out)."""
 
-    def __init__(self, cameras, slop_s=SYNC_SLOP_S, timeout_s=1.0, clock=time.monotonic):
+    def __init__(self, cameras, slop_s=SYNC_SLOP_S, timeout_s=1.0, clock=time.monotonic, queue_size=QUEUE_SIZE):
         self.cameras, self.slop_ns, self.timeout_s, self.clock = list(cameras), int(slop_s * 1e9), timeout_s, clock
-        self.views, self.first_arrival, self.last_stamp = {}, None, None
+        self.queues = {camera: collections.deque() for camera in self.cameras}
+        self.queue_size, self.pending_since, self.last_stamp = queue_size, None, None
         self.dropped = collections.Counter()
         self.lock = threading.Lock()
 
     def add(self, camera, stamp_ns, image, frame_id=""):
         """Returns a complete FrameSet or None."""
         with self.lock:
-            if self.last_stamp is not None and stamp_ns - self.last_stamp <= self.slop_ns:
+            if self._late(stamp_ns):
                 self.dropped["late"] += 1
                 return None
-            self.dropped["replaced"] += camera in self.views
-            self.views[camera] = (stamp_ns, image, frame_id)
-            self.first_arrival = self.first_arrival or self.clock()
-            return self._take() if set(self._present()) == set(self.cameras) else None
+            queue = self.queues[camera]
+            if len(queue) == self.queue_size:
+                queue.popleft()
+                self.dropped["replaced"] += 1
+            bisect.insort(queue, (stamp_ns, image, frame_id), key=lambda view: view[0])
+            self.pending_since = self.pending_since or self.clock()
+            return self._complete()
 
     @property
     def dropped_views(self):
@@ -49,23 +57,41 @@ class FrameSync:
     def poll(self):
         """A partial FrameSet once the timeout has passed, else None."""
         with self.lock:
-            if self.first_arrival is None or self.clock() - self.first_arrival < self.timeout_s:
+            if self.pending_since is None or self.clock() - self.pending_since < self.timeout_s:
                 return None
-            return self._take()
+            newest = max(queue[-1][0] for queue in self.queues.values() if queue)
+            views = {}
+            for camera, queue in self.queues.items():
+                if queue and newest - queue[-1][0] <= self.slop_ns:
+                    views[camera] = queue.pop()
+            return self._emit(views)
 
-    def _present(self):
-        newest = max(s for s, _, _ in self.views.values())
-        return {c: v for c, v in self.views.items() if newest - v[0] <= self.slop_ns}
+    def _late(self, stamp_ns):
+        return self.last_stamp is not None and stamp_ns - self.last_stamp <= self.slop_ns
 
-    def _take(self):
-        present = self._present()
-        self.dropped["stale"] += len(self.views) - len(present)
-        views = {c: present[c] for c in self.cameras if c in present}
+    def _complete(self):
+        """The oldest complete set of queue heads; heads that can no longer complete a set are dropped."""
+        while all(self.queues.values()):
+            heads = {camera: queue[0] for camera, queue in self.queues.items()}
+            oldest = min(heads, key=lambda camera: heads[camera][0])
+            if max(s for s, _, _ in heads.values()) - heads[oldest][0] <= self.slop_ns:
+                for queue in self.queues.values():
+                    queue.popleft()
+                return self._emit(heads)
+            self.queues[oldest].popleft()  # every other camera has moved past it
+            self.dropped["stale"] += 1
+        return None
+
+    def _emit(self, views):
         self.last_stamp = max(s for s, _, _ in views.values())
+        for queue in self.queues.values():
+            while queue and self._late(queue[0][0]):
+                stamp_ns = queue.popleft()[0]
+                self.dropped["stale" if stamp_ns < self.last_stamp - self.slop_ns else "late"] += 1
+        self.pending_since = self.clock() if any(self.queues.values()) else None
         frame_id = views.get(self.cameras[0], next(iter(views.values())))[2]
-        self.views, self.first_arrival = {}, None
-        return FrameSet(self.last_stamp, {c: img for c, (_, img, _) in views.items()},
-                        [c for c in self.cameras if c not in present], frame_id)
+        return FrameSet(self.last_stamp, {c: views[c][1] for c in self.cameras if c in views},
+                        [c for c in self.cameras if c not in views], frame_id)
 
 
 class LatestSlot:

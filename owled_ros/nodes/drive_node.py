@@ -131,6 +131,9 @@ class DriveNode(Node):
         self.declare_parameter("dtype", "float32")
         # auto: the fastest runtime installed (bench/runtime.py), named in the log; torch | openvino | openvino-int8
         self.declare_parameter("backend", "auto")
+        # 0: all cores but one, which stays free for camera reception (with every core, 10 Hz cameras slowed
+        # torch eager 7-fold on 2 cores: bench/drive_node.py)
+        self.declare_parameter("inference_threads", 0)
         self.declare_parameter("sparse_kernels", True)  # CUDA + bfloat16: a 2:4 model's linears on sparse tensor cores
         self.declare_parameter("max_new_tokens", 48)
         # guesses checked per decoding pass, copied from the latest answers to the same question (same answers
@@ -156,13 +159,16 @@ class DriveNode(Node):
         for name in ("draft_tokens", "draft_history"):
             if param(name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {param(name)}")
+        if param("inference_threads") < 0:
+            raise ValueError(f"inference_threads must be 0 (all cores but one) or more, got {param('inference_threads')}")
         if param("backend") not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {param('backend')!r}")
         self.model = load_model(param("model_dir")).to(param("device"), getattr(torch, param("dtype")))
-        started = time.perf_counter()
+        started, threads = time.perf_counter(), param("inference_threads") or max(1, len(os.sched_getaffinity(0)) - 1)
         self.backend = "torch" if param("device") != "cpu" else prepare(
-            self.model, param("backend"), param("dtype"), warn=self.get_logger().warning, serve_only=True)
-        self.get_logger().info(f"runtime backend: {self.backend} ({param('dtype')}, ready in {time.perf_counter() - started:.1f} s)")
+            self.model, param("backend"), param("dtype"), threads, warn=self.get_logger().warning, serve_only=True)
+        self.get_logger().info(f"runtime backend: {self.backend} ({param('dtype')}, {threads} inference threads, "
+                               f"ready in {time.perf_counter() - started:.1f} s)")
         self.model_lock = threading.Lock()
         self.max_question_chars = param("max_question_chars")
         compression = self.model.compression

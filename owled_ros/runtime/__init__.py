@@ -5,6 +5,8 @@ model on torch eager with one warning. Pruning never imports this package."""
 import importlib.util
 import logging
 
+import torch
+
 BACKENDS = ("auto", "torch", "openvino", "openvino-int8")
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,14 @@ def supports(model):
 
 def prepare(model, backend="auto", dtype="float32", threads=None, warn=log.warning, serve_only=False):
     """Compile `model` for `backend` in place; returns the backend that runs it ('torch' after a fallback).
+    threads: intra-op threads of whichever backend runs it (default: the backend's own, every core).
     serve_only: the model will only answer (the drive node): the torch copies of what the backend compiled are
     dropped, so the process holds the weights once (teacher-forced scoring and pruning need them)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     backend = fastest(model) if backend == "auto" else backend
+    if threads:
+        torch.set_num_threads(threads)  # also what runs on torch after a fallback
     if backend == "torch":
         return backend
     if not supports(model):
