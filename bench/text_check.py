@@ -1,13 +1,15 @@
 """Public pruning check on text: the raw SmolLM2-135M-Instruct language model, generic-text calibration
 (32 windows of 128 tokens from GPL-3, owled_ros/data/text/generic.txt), perplexity on held-out text
-(GPL-2 + GFDL-1.3, heldout.txt). Pruners x allocations x sparsities, hardware 2:4, and the two OWL
-outlier ratios, each pruned from the same dense weights in this process.
+(GPL-2 + GFDL-1.3, heldout.txt). Pruners x allocations x sparsities and hardware 2:4, each pruned from the
+same dense weights in this process; every row records the `owled prune` command that makes its model.
 
     .venv/bin/python bench/text_check.py --out bench/results      # text_check.md / .json (about 25 min on 2 cores)
 """
 import argparse
 import time
 from pathlib import Path
+
+import numpy as np
 
 from owled_ros.eval.bench import table, text_path
 from owled_ros.eval.perplexity import perplexity
@@ -26,9 +28,16 @@ def plan(sparsities=SPARSITIES, pruners=PRUNERS):
     runs += [(f"{p}-2:4", dict(pruner=p, allocation="uniform", targets={"llm": 0.5}, nm=(2, 4))) for p in pruners]
     runs += [(f"{p}-owl-2:4-0.4", dict(pruner=p, allocation="owl", targets={"llm": 0.4}, nm=(2, 4)))
              for p in pruners if p != "magnitude"]
-    runs += [(f"{p}-owl-pooled-{s:g}", dict(pruner=p, allocation="owl", targets={"llm": s}, outlier_ratio="pooled"))
-             for s in sparsities for p in pruners if p != "magnitude"]
     return runs
+
+
+def prune_args(spec, nsamples):
+    """The `owled prune` command that makes the same model as a run here."""
+    args = ["owled", "prune", "--model", "smollm2", "--calib", "owled_ros/data/text/generic.txt", "--nsamples",
+            str(nsamples), "--method", spec.pruner, "--allocation", spec.allocation, "--sparsity", f"{spec.targets['llm']:g}"]
+    args += ["--nm", f"{spec.nm[0]}:{spec.nm[1]}"] if spec.nm else []
+    args += ["--M", f"{spec.m_factor:g}", "--lam", f"{spec.lam:g}"] if spec.allocation != "uniform" else []
+    return args + ["--out", "OUT"]
 
 
 def check(model, runs, nsamples=32, log=print):
@@ -47,9 +56,8 @@ def check(model, runs, nsamples=32, log=print):
         seconds = time.perf_counter() - start
         layers = {f"{r.index}.{k}": v for r in records for k, v in r.layers.items()}
         results.append({"name": name, **arguments, "nm": arguments.get("nm"), "target": arguments["targets"]["llm"],
-                        "outlier_ratio": spec.outlier_ratio if spec.outlier_weighted else None,
                         "achieved": achieved(layers), "perplexity": held_out_perplexity(),
-                        "prune_s": seconds})
+                        "prune_s": seconds, "args": prune_args(spec, nsamples)})
         log(f"{name}: achieved {results[-1]['achieved']:.4f}, perplexity {results[-1]['perplexity']:.1f}, {seconds:.1f} s")
     model.load_state_dict(dense)
     return {"calibration": info | {"nsamples": nsamples}, "heldout": str(text_path("heldout").name), "results": results}
@@ -61,17 +69,20 @@ def markdown(summary, sparsities=SPARSITIES):
     pruners = [p for p in PRUNERS if any(r.get("pruner") == p for r in summary["results"])]
     lines = [f"Raw SmolLM2-135M-Instruct, held-out perplexity on {summary['heldout']} in windows of {CONTEXT} tokens "
              f"(dense {rows['dense']['perplexity']:.1f}); calibration {summary['calibration']['nsamples']} windows of 128 "
-             "tokens of generic.txt; per-layer outlier ratio unless said.", ""]
+             f"tokens of generic.txt. Allocation: uniform, OWL (outlier-weighted, M {PruneSpec.m_factor:g}, band 2λ = "
+             f"{2 * PruneSpec.lam:g}) or AlphaPruning (heavy-tailed weight spectra, the same band).", ""]
     lines += table(["pruner", "allocation"] + [f"{s:.0%}" for s in sparsities],
                    [[p, a] + [value(f"{p}-{a}-{s:g}") for s in sparsities] for p in pruners for a in ALLOCATIONS])
     lines += ["", "Hardware 2:4: every linear 2:4 (50 %), or 80 % of the linear weights in 2:4 with the most "
                   "outlier-heavy layers dense (40 %).", ""]
     lines += table(["pruner", "2:4 everywhere (50 %)", "2:4 + dense outlier layers (40 %)"],
                    [[p, value(f"{p}-2:4"), value(f"{p}-owl-2:4-0.4")] for p in pruners])
-    lines += ["", "OWL's outlier ratio per block: mean of the per-linear ratios vs all linears pooled.", ""]
-    lines += table(["pruner", "outlier ratio"] + [f"{s:.0%}" for s in sparsities],
-                   [[p, kind] + [value(f"{p}-owl-{s:g}" if kind == "per-layer" else f"{p}-owl-pooled-{s:g}") for s in sparsities]
-                    for p in pruners if p != "magnitude" for kind in ("per-layer", "pooled")])
+    lines += ["", "Prune time against the same pruner with a uniform allocation (median over the sparsities; "
+                  "uniform's own time in seconds).", ""]
+    seconds = lambda p, a: [rows[f"{p}-{a}-{s:g}"]["prune_s"] for s in sparsities if f"{p}-{a}-{s:g}" in rows]
+    ratio = lambda p, a: f"{np.median([x / u for x, u in zip(seconds(p, a), seconds(p, 'uniform'))]):.2f} ×"
+    lines += table(["pruner", "uniform (s)"] + [f"{a} × uniform" for a in ALLOCATIONS[1:]],
+                   [[p, f"{np.median(seconds(p, 'uniform')):.0f}"] + [ratio(p, a) for a in ALLOCATIONS[1:]] for p in pruners])
     return "\n".join(lines) + "\n"
 
 

@@ -107,11 +107,12 @@ def test_perplexity_scores_every_token_once():
 def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(tmp_path):
     tiny_decoder().save_pretrained(tmp_path / "model")
     write_synthetic(tmp_path / "eval", 5, seed=31, vehicle="eval")
+    write_synthetic(tmp_path / "calib", 8, seed=32, vehicle="calib")
     with pytest.raises(ValueError, match="has 5 frame sets; --eval-frames asks for 6"):
         run_bench(tmp_path / "model", tmp_path / "out", eval_set=tmp_path / "eval", eval_frames=6)
     summary = run_bench(tmp_path / "model", tmp_path / "out", sparsities=(0.5,), nm="2:4", methods=("wanda", "owled"),
                         nm_methods=("wanda", "owled"), nsamples=8, eval_frames=4, generated_frames=2, max_new_tokens=4,
-                        eval_set=tmp_path / "eval", log=lambda *_: None)
+                        eval_set=tmp_path / "eval", calib=tmp_path / "calib", log=lambda *_: None)
     assert summary["frames"] == "synthetic"
     names = [r["name"] for r in summary["results"]]
     assert names == ["dense", "dense, blank images", "wanda-0.5", "owled-0.5", "wanda-2:4", "owled-2:4-0.4"]
@@ -133,6 +134,14 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
     assert " [" in closed_table[2]  # value [low, high]
     assert [line.split(" | ")[0] for line in images[2:]] == ["| dense", "| dense, blank images"]
     assert len(paired) == 2 + len(saved["comparisons"])
+    # a row's recorded command makes its model again
+    args = saved["results"][5]["args"]
+    assert args[:2] == ["owled", "prune"] and "--out" in args
+    args[args.index("--out") + 1] = str(tmp_path / "again")
+    subprocess.run([sys.executable, "-m", "owled_ros.cli", *args[1:]], check=True, capture_output=True)
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    before = json.loads((tmp_path / "out" / "report-owled-2:4-0.4.json").read_text())
+    assert [b["layers"] for b in again["blocks"]] == [b["layers"] for b in before["blocks"]]
     assert "held-out synthetic 6-camera frame sets" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "metrics_vs_sparsity.png").stat().st_size > 0
     assert (tmp_path / "out" / "report-owled-0.5.json").is_file() and not (tmp_path / "out" / "work").exists()

@@ -179,18 +179,20 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(work, tmp_path, case):
 
 
 def test_smollm2_as_a_plain_llama_directory_prunes_like_the_default_model_path(tmp_path):
-    """Real weights: the same Wanda run on SmolLM2-135M through a transformers directory and through our
-    default model's language model gives the same held-out perplexity."""
+    """Real weights: the same Wanda run on SmolLM2-135M through a transformers directory (`--model smollm2`:
+    the raw model of bench/text_check.py, written out on first use) and through our default model's language
+    model gives the same held-out perplexity."""
     from owled_ros.eval.bench import text_path
     from owled_ros.eval.perplexity import perplexity
-    from owled_ros.model.build import default_model_untrained, save_smollm2
+    from owled_ros.model.build import default_model_untrained
     from owled_ros.pruning import calibration
     from owled_ros.pruning.engine import PruneSpec, prune_model
 
-    save_smollm2(tmp_path / "smollm2")
-    result = owled("prune", "--model", tmp_path / "smollm2", "--method", "wanda", "--calib", text_path("generic"),
-                   "--nsamples", 8, "--out", tmp_path / "pruned")
+    result = subprocess.run([sys.executable, "-m", "owled_ros.cli", "prune", "--model", "smollm2", "--method", "wanda",
+                             "--calib", text_path("generic"), "--nsamples", "8", "--out", tmp_path / "pruned"],
+                            capture_output=True, text=True, env=os.environ | {"OWLED_HOME": str(tmp_path / "home")})
     assert result.returncode == 0, result.stderr
+    assert (tmp_path / "home" / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
     model = default_model_untrained()  # its language model: the same SmolLM2 weights, not pruned yet
     heldout = text_path("heldout").read_text()[:4000]
     dense = perplexity(model.lm, model.tokenizer, heldout, 256, 256)

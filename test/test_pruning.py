@@ -15,10 +15,12 @@ from owled_ros.model.checkpoint import load_weights, save_weights
 from owled_ros.model.sparse_kernels import is_two_four
 from owled_ros.model.vision import load_backbone_weights
 from owled_ros.model.vlm import DrivingVLM
-from owled_ros.pruning.engine import PruneSpec, prune_model
+from owled_ros.pruning.alps import alps_
+from owled_ros.pruning.engine import PruneSpec, prunable, prune_model
 from owled_ros.pruning.run import PruneError, prune
 from owled_ros.pruning.sparsegpt import sparsegpt_
-from owled_ros.pruning.sparsity import nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask, wanda_scores
+from owled_ros.pruning.sparsity import (heavy_tail_alpha, nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask,
+                                        wanda_scores)
 
 
 class ToyBlock(nn.Module):
@@ -238,11 +240,49 @@ def test_sparsegpt_reconstructs_better_than_wanda_at_the_same_density(sparsity, 
     assert error(sparse) < 0.9 * error(wanda), (error(sparse), error(wanda))
 
 
-def test_sparsegpt_leaves_never_active_inputs_pruned_and_the_rest_finite():
+@pytest.mark.parametrize("sparsity,nm", [(0.5, None), (0.7, None), (None, (2, 4))])
+def test_alps_reconstructs_better_than_sparsegpt_at_the_same_density(sparsity, nm):
+    x = correlated_inputs(1024, 256)
+    weight = torch.randn(64, 256)
+    reference, sparse = weight.clone(), weight.clone()
+    sparsegpt_(reference, x.T @ x, sparsity, nm)
+    alps_(sparse, x.T @ x, sparsity, nm)
+    assert (sparse == 0).sum() == (reference == 0).sum()  # the same count removed (a whole layer's, not per row)
+    if nm:
+        assert (nm_groups_kept(sparse) <= 2).all()
+    error = lambda w: torch.linalg.norm(x @ weight.T - x @ w.T).item()
+    assert error(sparse) < 0.9 * error(reference), (error(sparse), error(reference))
+
+
+def test_heavy_tail_alpha_is_lower_for_a_heavier_tailed_spectrum():
+    generator = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(256, 256, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(256, 256, generator=generator))
+    ranks = torch.arange(1, 257, dtype=torch.float32)
+    spectrum = lambda exponent: u @ torch.diag(ranks ** -exponent) @ v.T  # eigenvalues of WᵀW ~ rank^-2e
+    assert heavy_tail_alpha(spectrum(1.0)) < heavy_tail_alpha(spectrum(0.3))
+    # Hill's estimate for eigenvalues ~ rank^-2: tail density ~ lambda^-1.5
+    assert heavy_tail_alpha(spectrum(1.0)) == pytest.approx(1.5, abs=0.15)
+
+
+def test_alpha_allocation_prunes_the_blocks_with_lighter_tails_more(tiny_dirs):
+    out = tiny_dirs / "alpha"
+    report = prune(tiny_dirs / "model", out, "wanda", "0.5", tiny_dirs / "calib", nsamples=8, progress=False,
+                   allocation="alpha", lam=0.1)
+    model = DrivingVLM.from_pretrained(tiny_dirs / "model")
+    blocks = model.components()["llm"]
+    alphas = [np.mean([heavy_tail_alpha(m.weight.detach()) for m in prunable(b).values()]) for b in blocks]
+    targets = [b["target"] for b in report["blocks"] if b["component"] == "llm"]
+    assert np.argsort(alphas).tolist() == np.argsort(targets).tolist()
+    assert max(targets) - min(targets) == pytest.approx(0.2) and report["achieved"]["llm"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("reconstruct", [sparsegpt_, alps_])
+def test_reconstructing_pruners_leave_never_active_inputs_pruned_and_the_rest_finite(reconstruct):
     x = correlated_inputs(256, 64)
     x[:, 5] = 0
     weight = torch.randn(16, 64)
-    sparsegpt_(weight, x.T @ x, 0.5)
+    reconstruct(weight, x.T @ x, 0.5)
     assert (weight[:, 5] == 0).all() and torch.isfinite(weight).all()
 
 

@@ -111,7 +111,7 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsit
         report = json.loads((work / name / "report.json").read_text())
         row = {"name": name, "method": method, "target": f"{pattern} {sparsity or ''}".strip() if pattern else sparsity,
                "achieved": report["achieved"]["pruned_components"], "prune_s": report["seconds"],
-               "prune_peak_mb": report["peak_rss_mb"],
+               "prune_peak_mb": report["peak_rss_mb"], "args": ["owled", *command[3:]],
                **measure(load_model(work / name), work / name, eval_samples, generated_frames, max_new_tokens)}
         results.append(row)
         shutil.copy(work / name / "report.json", out / f"report-{name}.json")

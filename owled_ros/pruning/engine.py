@@ -18,19 +18,22 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .alps import alps_
 from .sparsegpt import sparsegpt_
-from .sparsity import nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask, wanda_scores
+from .sparsity import heavy_tail_alpha, nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask, wanda_scores
 
 log = logging.getLogger(__name__)
-PRUNERS = ("magnitude", "wanda", "sparsegpt")
-ALLOCATIONS = ("uniform", "owl")
+PRUNERS = ("magnitude", "wanda", "sparsegpt", "alps")
+RECONSTRUCTING = {"sparsegpt": sparsegpt_, "alps": alps_}  # pruners that refit the kept weights from XᵀX
+ALLOCATIONS = ("uniform", "owl", "alpha")
 OUTLIER_RATIOS = ("per-layer", "pooled")
 
 
 @dataclass
 class PruneSpec:
     """What to prune and how. pruner: which weights go within a layer; allocation: how much each block
-    keeps (uniform, or OWL's outlier-weighted layerwise sparsity); nm=(n, m): the N:M pattern, on every
+    keeps (uniform; OWL's outlier-weighted layerwise sparsity; or AlphaPruning's, from the heavy tails of
+    the weights' spectra, which needs no data), the band 2 * lam wide for both; nm=(n, m): the N:M pattern, on every
     pruned layer. With nm and an OWL allocation, a target below 1 - n/m keeps the most outlier-heavy
     layers dense; outlier_ratio: per block, pooled over its linears or the mean of per-linear ratios."""
     pruner: str
@@ -55,7 +58,7 @@ class PruneSpec:
             for group, target in self.targets.items():
                 if target > 1 - n / m + 1e-9:
                     raise ValueError(f"{group} sparsity {target:g} is above what {n}:{m} removes ({1 - n / m:g})")
-                if self.allocation == "uniform" and target < 1 - n / m - 1e-9:
+                if self.allocation != "owl" and target < 1 - n / m - 1e-9:
                     raise ValueError(f"{group} sparsity {target:g} below {1 - n / m:g} with {n}:{m} keeps some layers "
                                      f"dense: that needs the owl allocation to choose them")
 
@@ -66,6 +69,10 @@ class PruneSpec:
     @property
     def needs_activations(self):
         return self.pruner != "magnitude"
+
+    @property
+    def needs_hessian(self):
+        return self.pruner in RECONSTRUCTING
 
 
 @dataclass
@@ -202,10 +209,10 @@ def block_outputs(block, inputs, calls, stats=None, hessian=False):
 
 def prune_layer(module, stats, pruner, sparsity, nm):
     """Zero the weights the pruner picks: the lowest |W| or Wanda scores per row (or per N:M group), or
-    SparseGPT's choice with the kept weights updated to reconstruct the layer's output."""
+    SparseGPT's or ALPS's choice with the kept weights updated to reconstruct the layer's output."""
     weight = matrix(module)
-    if pruner == "sparsegpt":
-        sparsegpt_(weight, stats.xtx, sparsity or 0.0, nm)
+    if pruner in RECONSTRUCTING:
+        RECONSTRUCTING[pruner](weight, stats.xtx, sparsity or 0.0, nm)
         return
     scores = weight.detach().abs() if pruner == "magnitude" else wanda_scores(weight.detach(), stats.sq)
     mask = nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
@@ -262,10 +269,14 @@ def allocate(component, blocks, outliers, spec):
                                    for i, block in enumerate(layers) for name, module in block.items()], target, *spec.nm)
         return [{name: (None, spec.nm) if (i, name) in chosen else (0.0, None) for name in prunable(b)}
                 for i, b in enumerate(blocks)]
-    if not spec.outlier_weighted:
+    if spec.allocation == "uniform":
         return [{name: (target, None) for name in block} for block in layers]
     sizes = [sum(m.weight.numel() for m in block.values()) for block in layers]
-    sparsities, _ = owl_allocation([o.block_ratio(spec.outlier_ratio) for o in outliers], target, spec.lam, weights=sizes)
+    if spec.allocation == "alpha":  # heavier tails (lower alpha): better trained, pruned less
+        ratios = [-np.mean([heavy_tail_alpha(matrix(m).detach()) for m in block.values()]) for block in layers]
+    else:
+        ratios = [o.block_ratio(spec.outlier_ratio) for o in outliers]
+    sparsities, _ = owl_allocation(ratios, target, spec.lam, weights=sizes)
     return [{name: (s, None) for name in block} for s, block in zip(sparsities, layers)]
 
 
@@ -288,7 +299,7 @@ def prune_model(model, samples, run, spec, progress=True):
         for index, block in enumerate(tqdm(blocks, desc=f"prune {component}", disable=not progress)):
             stats = {}
             if spec.needs_activations:
-                block_outputs(block, inputs, calls[index], stats, hessian=spec.pruner == "sparsegpt")
+                block_outputs(block, inputs, calls[index], stats, hessian=spec.needs_hessian)
             ratio = outliers[component][index].block_ratio(spec.outlier_ratio) if outliers else None
             uses_nm = any(nm for _, nm in plans[index].values())
             record = BlockRecord(component, index, planned_sparsity(block, plans[index]), ratio, spec.nm if uses_nm else None)

@@ -18,6 +18,8 @@ METHODS = {
     "owl": ("wanda", "owl", "text"),
     "owled": ("wanda", "owl", "driving"),
     "owled-sparsegpt": ("sparsegpt", "owl", "driving"),
+    "alps": ("alps", "uniform", None),
+    "owled-alps": ("alps", "owl", "driving"),
 }
 
 

@@ -56,6 +56,15 @@ def owl_allocation(ratios, target, lam, weights=None, floor=0.0, ceiling=0.99):
     return sparsities.tolist(), float(sparsities.mean())
 
 
+def heavy_tail_alpha(weight):
+    """Power-law exponent of the tail of the weight's eigenvalue spectrum (eigenvalues of WᵀW), as
+    AlphaPruning (Lu et al., NeurIPS 2024) fits it: Hill's estimator over the upper half of the spectrum."""
+    eigenvalues = torch.linalg.svdvals(weight.float()).square().sort().values
+    eigenvalues = eigenvalues[eigenvalues > 1e-5]
+    tail = torch.log(eigenvalues[len(eigenvalues) // 2:].double())
+    return 1 + len(tail) / float((tail - tail[0]).sum())
+
+
 def nm_selection(layers, target, n, m):
     """Hardware N:M with outlier weighting: which linear layers get the N:M pattern so that the removed
     weights reach `target` of all, the rest staying dense. layers: [(key, numel, rank)], rank ordering
