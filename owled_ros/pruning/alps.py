@@ -16,8 +16,15 @@ def keep_mask(weights, sparsity, nm):
     """True for the weights kept: the largest |w| of the whole matrix, or of every N:M group of each row."""
     if nm:
         return ~nm_mask(weights.abs(), *nm)
-    keep = torch.zeros(weights.numel(), dtype=torch.bool)
-    keep[weights.abs().flatten().topk(weights.numel() - int(weights.numel() * sparsity)).indices] = True
+    magnitudes = weights.abs().flatten()
+    removed = int(magnitudes.numel() * sparsity)
+    if removed == 0:
+        return torch.ones_like(weights, dtype=torch.bool)
+    threshold = magnitudes.kthvalue(removed).values  # a selection, several times faster than topk here
+    keep = magnitudes > threshold
+    short = magnitudes.numel() - removed - int(keep.sum())
+    if short > 0:  # ties at the threshold (zeros of inputs never active): keep the first of them
+        keep[(magnitudes == threshold).nonzero()[:short, 0]] = True
     return keep.view_as(weights)
 
 
@@ -33,8 +40,8 @@ def scaled_hessian(xtx, damp):
 
 def admm_support(w0, target, hessian, sparsity, nm, rho=0.1, max_iter=300, check_every=3, settle_after=30):
     """ADMM's least-squares weights and the support they settle on, with ρ adapted to how fast it still changes (ALPS's schedule)."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
-    inverse = lambda rho: ((eigenvectors / (eigenvalues + rho)) @ eigenvectors.T).float()
+    eigenvalues, eigenvectors = (v.float() for v in torch.linalg.eigh(hessian))
+    inverse = lambda rho: (eigenvectors / (eigenvalues + rho)) @ eigenvectors.T
     hessian_inv, grown = inverse(rho), False
     sparse = w0 * keep_mask(w0, sparsity, nm)
     start, dual, support = sparse, torch.zeros_like(w0), keep_mask(w0, sparsity, nm)
