@@ -10,7 +10,7 @@ from pathlib import Path
 from .data.frames import SYNC_SLOP_S
 from .model import load_model
 from .runtime import BACKENDS, prepare
-from .pruning.engine import ALLOCATIONS, OUTLIER_RATIOS, PRUNERS
+from .pruning.engine import ALLOCATIONS, LAM_GRID, M_GRID, OUTLIER_RATIOS, PRUNERS
 from .pruning.run import LAYOUTS, METHODS
 
 
@@ -204,8 +204,10 @@ def parser():
     s.add_argument("--sparsity", help="0.5 (language model) or llm=0.5,vision=0.2 (default 0.5; with --nm, 1 - N/M)")
     s.add_argument("--nm", help="semi-structured N:M on every pruned linear, e.g. 2:4; a --sparsity below 1 - N/M "
                                 "keeps the most outlier-heavy layers dense (owl allocation)")
-    s.add_argument("--M", type=float, default=5.0, help="outlier threshold: scores above M x mean")
-    s.add_argument("--lam", type=float, default=0.08, help="OWL lambda: allocation spread is 2 lambda")
+    s.add_argument("--M", type=float, help="OWL's outlier threshold, scores above M x mean (default: chosen from the "
+                                           f"calibration data among {', '.join(f'{m:g}' for m in M_GRID)})")
+    s.add_argument("--lam", type=float, help="the allocation's band is 2 lambda wide (owl, alpha; default: chosen from the "
+                                           f"calibration data among {', '.join(f'{l:g}' for l in LAM_GRID)})")
     s.add_argument("--nsamples", type=POSITIVE, default=128)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--layout", choices=LAYOUTS, default="auto",
@@ -277,7 +279,7 @@ def parser():
     s.add_argument("--out", default="bench/results")
     s.add_argument("--nsamples", type=POSITIVE, default=32)
     s.add_argument("--eval-frames", type=POSITIVE, default=200, help="held-out frame sets for the closed questions")
-    s.add_argument("--generated-frames", type=COUNT, default=20, help="of which answers are generated (language metrics)")
+    s.add_argument("--generated-frames", type=COUNT, default=100, help="of which answers are generated (language metrics)")
     s.add_argument("--calib", help="calibration frame sets (default: synthetic 2-D ones)")
     s.add_argument("--eval", help="held-out frame sets with ground truth (default: synthetic 2-D ones)")
     s.set_defaults(func=cmd_bench)

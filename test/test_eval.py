@@ -13,7 +13,7 @@ from nltk.translate.bleu_score import corpus_bleu
 from models import tiny_decoder
 from owled_ros.eval.bench import CLOSED, COST, GENERATED, run_bench
 from owled_ros.data.calib import read_samples, write_synthetic
-from owled_ros.eval.evaluate import CATEGORIES, score
+from owled_ros.eval.evaluate import CATEGORIES, PAIRED_GENERATED, paired_generated, score
 from owled_ros.eval.metrics import METEOR_SYNONYMS, accuracy, language_metrics, mean_absolute_error, tokenize
 from owled_ros.eval.parse import parse_action, parse_description, parse_speed
 from owled_ros.eval.perplexity import perplexity
@@ -125,8 +125,13 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
         assert {key for key, _ in COST} - {"prune_s", "prune_peak_mb"} <= set(row)
     assert saved["results"][3]["achieved"] == pytest.approx(0.5, abs=0.02)
     assert saved["results"][5]["achieved"] == pytest.approx(0.4, abs=0.1)
-    assert {(c["challenger"], c["baseline"]) for c in saved["comparisons"]} == {("owled-0.5", "wanda-0.5")}
+    pruned = names[2:]
+    assert {(c["challenger"], c["baseline"]) for c in saved["comparisons"]} == {("owled-0.5", "wanda-0.5")} | {
+        (name, "dense") for name in pruned}  # generated answers against the dense model's
+    assert {c["metric"] for c in saved["comparisons"] if c["baseline"] == "dense"} == {f"gen_{k}" for k in PAIRED_GENERATED}
     assert all(c["low"] <= c["difference"] <= c["high"] for c in saved["comparisons"])
+    assert saved["comparison_confidence"] == pytest.approx(1 - 0.05 / len(saved["comparisons"]))
+    assert all(len(row["generated"]) == 2 for row in saved["results"])  # answers per generated frame set, kept
     tables = [block.splitlines() for block in (tmp_path / "out" / "results.md").read_text().split("\n\n") if block.startswith("|")]
     closed_table, generated, cost, images, paired = tables
     assert all(title in closed_table[0] for _, title in CLOSED) and len(closed_table) == 2 + len(names)
@@ -189,3 +194,16 @@ def test_meteor_matches_wordnet_synonyms():
     with_synonyms = language_metrics([hypothesis], [reference])["meteor"]
     exact_and_stem = meteor_score([tokenize(reference)], tokenize(hypothesis), wordnet=_NoWordNet())
     assert with_synonyms > exact_and_stem + 0.1
+
+
+def test_paired_generated_differences_resample_the_same_frame_sets_for_both_models(tmp_path):
+    write_synthetic(tmp_path / "qa", 30, seed=5, vehicle="eval")
+    samples = read_samples(tmp_path / "qa")
+    truth = [[q["answer"] for q in s.qa] for s in samples]
+    wrong_actions = [[q["answer"] if q.get("kind") != "planning" else "Turn around." for q in s.qa] for s in samples]
+    same = paired_generated(samples, truth, truth)
+    assert all(value == (0.0, 0.0, 0.0, 0) for value in same.values())
+    better = paired_generated(samples, truth, wrong_actions, confidence=0.99)
+    difference, low, high, verdict = better["action_exact_match"]
+    assert difference == pytest.approx(1.0) and verdict == 1 and 0 < low <= high
+    assert better["light_accuracy"][0] == 0 and better["bleu4"][3] == 1

@@ -16,7 +16,7 @@ from owled_ros.model.sparse_kernels import is_two_four
 from owled_ros.model.vision import load_backbone_weights
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.pruning.alps import alps_
-from owled_ros.pruning.engine import PruneSpec, prunable, prune_model
+from owled_ros.pruning.engine import LAM_GRID, M_GRID, PruneSpec, prunable, prune_model
 from owled_ros.pruning.run import PruneError, prune
 from owled_ros.pruning.sparsegpt import sparsegpt_
 from owled_ros.pruning.sparsity import (heavy_tail_alpha, nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask,
@@ -207,6 +207,27 @@ def test_two_four_below_half_keeps_the_most_outlier_heavy_layers_dense(tiny_dirs
     with pytest.raises(ValueError, match="above what 2:4 removes"):
         prune(tiny_dirs / "model", tiny_dirs / "nm-x", "owled", "0.6", tiny_dirs / "calib", nm="2:4", nsamples=16)
     assert not (tiny_dirs / "nm-x").exists()
+
+
+def test_open_m_and_lambda_are_chosen_by_calibration_loss_and_the_choice_prunes_as_if_fixed(tiny_dirs):
+    searched = prune(tiny_dirs / "model", tiny_dirs / "searched", "owled", "0.6", tiny_dirs / "calib", nsamples=8,
+                     progress=False)
+    points = searched["allocation_search"]
+    assert {(p["M"], p["lambda"]) for p in points} == {(m, lam) for m in M_GRID for lam in LAM_GRID}
+    best = min(points, key=lambda p: p["calibration_loss"])
+    assert (searched["M"], searched["lambda"]) == (best["M"], best["lambda"])
+    assert len({p["calibration_loss"] for p in points}) > 1  # the points differ: each pruned its own way
+    # every point's trial pruning was undone: the same choice given by hand prunes to the same weights
+    fixed = prune(tiny_dirs / "model", tiny_dirs / "fixed", "owled", "0.6", tiny_dirs / "calib", nsamples=8,
+                  progress=False, m_factor=best["M"], lam=best["lambda"])
+    assert fixed["allocation_search"] is None
+    assert [b["layers"] for b in fixed["blocks"]] == [b["layers"] for b in searched["blocks"]]
+    searched_weights = DrivingVLM.from_pretrained(tiny_dirs / "searched").state_dict()
+    for name, weight in DrivingVLM.from_pretrained(tiny_dirs / "fixed").state_dict().items():
+        assert torch.equal(weight, searched_weights[name]), name
+    alpha = prune(tiny_dirs / "model", tiny_dirs / "alpha-searched", "wanda", "0.5", tiny_dirs / "calib", nsamples=8,
+                  progress=False, allocation="alpha")
+    assert {(p["M"], p["lambda"]) for p in alpha["allocation_search"]} == {(None, lam) for lam in LAM_GRID}
 
 
 def test_nm_selection_takes_fewest_outliers_first_until_the_target():

@@ -18,24 +18,25 @@ from pathlib import Path
 from ..data.calib import read_samples, write_synthetic
 from ..model import load_model
 from ..model.build import resolve_model
-from .evaluate import evaluate
+from .evaluate import PAIRED_GENERATED, evaluate, paired_generated
 from .metrics import METEOR_SYNONYMS
 from .perplexity import perplexity
-from .stats import paired_difference
+from .stats import corrected, paired_difference
 from ..pruning.run import METHODS
 
 TEXTS = ("driving",)  # perplexity of every benchmarked model (the text check covers generic text)
 CLOSED = [("closed_mean_acc", "mean acc"), ("action_acc", "action"), ("light_acc", "light"), ("crossing_acc", "crossing"),
           ("lead_acc", "lead"), ("vehicle_count_acc", "vehicles"), ("pedestrian_count_acc", "pedestrians"),
           ("vehicle_count_mae", "vehicle MAE"), ("pedestrian_count_mae", "ped. MAE")]
-GENERATED = [("gen_action_accuracy", "action acc (parsed)"), ("gen_light_accuracy", "light acc (parsed)"),
+GENERATED = [("gen_action_exact_match", "action EM"), ("gen_action_accuracy", "action acc (parsed)"),
+             ("gen_light_accuracy", "light acc (parsed)"),
              ("gen_bleu4", "BLEU-4"), ("gen_meteor", "METEOR"), ("gen_rouge_l", "ROUGE-L"), ("gen_cider", "CIDEr")]
 COST = [("ppl_driving", "ppl driving"), ("size_mb", "size MB"),
         ("seconds_per_answer", "s/answer"), ("prune_s", "prune s"), ("prune_peak_mb", "prune peak MB")]
-# (challenger, baseline): the same pruner and calibration, OWL's allocation against the uniform one, and
-# SparseGPT's reconstruction against Wanda's scores
-PAIRS = [("owled", "wanda"), ("owled-sparsegpt", "sparsegpt"), ("sparsegpt", "wanda"), ("owled-sparsegpt", "owled"),
-         ("owled", "owl")]
+# (challenger, baseline): the same pruner and calibration, OWL's allocation against the uniform one; SparseGPT's
+# reconstruction against Wanda's scores, ALPS's against SparseGPT's
+PAIRS = [("owled", "wanda"), ("owled-sparsegpt", "sparsegpt"), ("owled-alps", "alps"), ("sparsegpt", "wanda"),
+         ("alps", "sparsegpt"), ("owled-sparsegpt", "owled"), ("owled", "owl")]
 COMPARED = ["closed_mean_acc", "action_acc", "light_acc"]
 
 
@@ -61,16 +62,19 @@ def runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity):
 def measure(model, model_dir, eval_samples, generated, max_new_tokens, blank=False):
     scored = evaluate(model, eval_samples, generated, max_new_tokens, blank)
     row = {"metrics": scored["metrics"], "items": scored["items"], "seconds_per_answer": scored["seconds_per_answer"],
-           "frame_sets": scored["frame_sets"], "generated_frame_sets": scored["generated_frame_sets"]}
+           "frame_sets": scored["frame_sets"], "generated_frame_sets": scored["generated_frame_sets"],
+           "generated": scored["generated"]}
     for name in TEXTS:
         row[f"ppl_{name}"] = perplexity(model.lm, model.tokenizer, text_path(name).read_text())
     row["size_mb"] = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20
     return row
 
 
-def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsity=0, nsamples=32, eval_frames=200,
-              generated_frames=20, max_new_tokens=32, methods=("wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt"),
-              high_methods=("owled-sparsegpt",), nm_methods=("wanda", "owled-sparsegpt"), calib=None, eval_set=None,
+def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sparsity=0, nsamples=32, eval_frames=200,
+              generated_frames=100, max_new_tokens=32,
+              methods=("wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt", "alps", "owled-alps"),
+              high_methods=("sparsegpt", "owled-sparsegpt", "alps", "owled-alps"),
+              nm_methods=("wanda", "sparsegpt", "owled-sparsegpt"), calib=None, eval_set=None,
               log=print):
     """model_dir: 'default', one of our model directories or a transformers checkpoint (closed questions only
     where the model scores options). calib, eval_set: calibration and held-out frame sets (directories);
@@ -121,7 +125,8 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6), nm="2:4", component_sparsit
                "frames": frames,
                "generated_frame_sets": dense["generated_frame_sets"], "seconds": round(time.time() - started),
                "meteor_synonyms": METEOR_SYNONYMS,
-               "comparisons": comparisons(results), "results": results}
+               "results": results}
+    summary["comparisons"], summary["comparison_confidence"] = comparisons(results, eval_samples)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(markdown(summary))
     plot(results, out)
@@ -141,22 +146,31 @@ def headline(row):
                       ("gen_bleu4", "BLEU-4")) if not math.isnan(metric(row, key)[0]))
 
 
-def comparisons(results):
-    """Paired differences (challenger - baseline) at the same target, on the same frame sets."""
+def comparisons(results, samples):
+    """Paired differences on the same frame sets: challenger - baseline at the same target (closed metrics),
+    and every pruned model's generated answers against the dense model's. Each interval is widened for the
+    number of comparisons made (Bonferroni), so that all of them hold together at 95 %.
+    Returns (comparisons, the confidence of each interval)."""
     by_name = {r["name"]: r for r in results}
-    found = []
+    closed_pairs = []
     for row in results:
         for challenger, baseline in PAIRS:
-            if row["method"] != challenger:
-                continue
             other = by_name.get(row["name"].replace(challenger, baseline, 1))
-            if other is None or other["method"] != baseline:
-                continue
-            for key in (k for k in COMPARED if k in row["items"]):
-                diff, low, high, verdict = paired_difference(row["items"][key], other["items"][key])
-                found.append({"challenger": row["name"], "baseline": other["name"], "metric": key,
-                              "difference": diff, "low": low, "high": high, "verdict": verdict})
-    return found
+            if row["method"] == challenger and other is not None and other["method"] == baseline:
+                closed_pairs += [(row, other, key) for key in COMPARED if key in row["items"]]
+    dense = by_name["dense"]
+    pruned = [r for r in results if r["method"] != "dense" and r["generated"]]
+    confidence = corrected(len(closed_pairs) + len(pruned) * len(PAIRED_GENERATED))
+    found = []
+    for row, other, key in closed_pairs:
+        diff, low, high, verdict = paired_difference(row["items"][key], other["items"][key], confidence=confidence)
+        found.append({"challenger": row["name"], "baseline": other["name"], "metric": key,
+                      "difference": diff, "low": low, "high": high, "verdict": verdict})
+    for row in pruned:
+        generated = paired_generated(samples, row["generated"], dense["generated"], confidence=confidence)
+        found += [{"challenger": row["name"], "baseline": "dense", "metric": f"gen_{key}", "difference": diff,
+                   "low": low, "high": high, "verdict": verdict} for key, (diff, low, high, verdict) in generated.items()]
+    return found, confidence
 
 
 def cell(value):
@@ -193,8 +207,9 @@ def markdown(summary):
             ("vehicle_count_mae", "vehicle MAE"), ("gen_description_bleu4", "description BLEU-4")]
     lines += table(["images"] + [t for _, t in keys], [[r["name"]] + [metric(r, k) for k, _ in keys] for r in (dense, blank)])
     verdicts = {1: "**better**", -1: "**worse**", 0: "no difference shown"}
-    lines += ["", "Paired comparisons on the same frame sets: challenger − baseline [95 % interval]; better/worse "
-                  "only where the interval excludes 0.", ""]
+    lines += ["", f"Paired comparisons on the same frame sets: challenger − baseline [interval]; each interval at "
+                  f"{summary['comparison_confidence']:.2%} so that all {len(summary['comparisons'])} hold together at 95 % "
+                  "(Bonferroni); better/worse only where the interval excludes 0.", ""]
     lines += table(["challenger", "baseline", "metric", "difference", "verdict"],
                    [[c["challenger"], c["baseline"], c["metric"], (c["difference"], c["low"], c["high"]), verdicts[c["verdict"]]]
                     for c in summary["comparisons"]])

@@ -12,7 +12,7 @@ import numpy as np
 from .closed import score_frame_sets
 from .metrics import accuracy, language_metrics, mean_absolute_error
 from .parse import parse_action, parse_description, parse_light, parse_speed
-from .stats import corpus_interval, interval
+from .stats import CONFIDENCE, corpus_interval, interval, verdict
 
 CATEGORIES = ("perception", "prediction", "planning", "behavior")
 
@@ -57,7 +57,7 @@ def exact_match(results):
     return accuracy([a.strip().lower() for _, _, a in results], [q["answer"].strip().lower() for _, q, _ in results])
 
 
-def score(results, categories=True):
+def score(results, categories=True, meteor=True):
     """Metrics overall and (with categories) per category. Driving metrics parse the answers (eval/parse.py)."""
     by_kind = lambda kind: [(s, q, a) for s, q, a in results if q.get("kind") == kind]
     perception = by_kind("perception")
@@ -80,9 +80,9 @@ def score(results, categories=True):
         "action_accuracy": accuracy([parse_action(a) for _, _, a in planning], [s.truth["action"] for s, _, _ in planning]),
         "speed_mae_mps": float(np.mean([abs(p - t) for p, t in speeds])) if speeds else math.nan,
         "action_exact_match": exact_match(planning),
-        "description_bleu4": language_metrics([a for _, _, a in perception], [q["answer"] for _, q, _ in perception])["bleu4"],
+        "description_bleu4": language_metrics([a for _, _, a in perception], [q["answer"] for _, q, _ in perception], False)["bleu4"],
         "exact_match": exact_match(results),
-        **language_metrics([a for _, _, a in results], [q["answer"] for _, q, _ in results]),
+        **language_metrics([a for _, _, a in results], [q["answer"] for _, q, _ in results], meteor),
         "answers": len(results),
     }
     for category in CATEGORIES if categories else ():
@@ -115,4 +115,22 @@ def evaluate(model, samples, generated=20, max_new_tokens=32, blank=False):
     metrics = {name: interval(values) for name, values in items.items()}
     metrics |= {f"gen_{name}": value for name, value in generated_intervals(results).items()}
     return {"metrics": metrics, "items": items, "seconds_per_answer": seconds_per_answer, "answers": len(results),
-            "frame_sets": len(samples), "generated_frame_sets": len(samples[:generated])}
+            "frame_sets": len(samples), "generated_frame_sets": len(samples[:generated]),
+            "generated": [[a for s, _, a in results if s is sample] for sample in samples[:generated]]}
+
+
+PAIRED_GENERATED = ("action_exact_match", "action_accuracy", "light_accuracy", "bleu4", "cider")
+
+
+def paired_generated(samples, answers, baseline, keys=PAIRED_GENERATED, confidence=CONFIDENCE):
+    """{metric: (difference, low, high, verdict)} of generated answers against a baseline's on the same frame
+    sets: answers, baseline: per frame set, its answers in QA order; the bootstrap resamples frame sets, the
+    same ones for both (paired)."""
+    def statistic(chosen):
+        scored = [score([(samples[i], q, a) for i in chosen for q, a in zip(samples[i].qa, which[i])],
+                        categories=False, meteor=False) for which in (answers, baseline)]
+        return np.array([scored[0][k] - scored[1][k] for k in keys], dtype=np.float64)
+
+    value, low, high = corpus_interval(len(answers), statistic, confidence=confidence)
+    return {k: (float(v), float(lo), float(hi), verdict(lo, hi))
+            for k, v, lo, hi in zip(keys, np.atleast_1d(value), np.atleast_1d(low), np.atleast_1d(high))}

@@ -64,8 +64,9 @@ def sentence_meteor(hypothesis, reference):
     return meteor_score([tokenize(reference)], tokenize(hypothesis), wordnet=wordnet())
 
 
-def language_metrics(hypotheses, references):
-    """Corpus scores for lists of generated and reference answers (one reference each)."""
+def language_metrics(hypotheses, references, meteor=True):
+    """Corpus scores for lists of generated and reference answers (one reference each); METEOR (the slow one)
+    only if asked."""
     if not hypotheses:
         return {"bleu4": math.nan, "meteor": math.nan, "rouge_l": math.nan, "cider": math.nan}
     hyp = {i: [" ".join(tokenize(h)) or "<empty>"] for i, h in enumerate(hypotheses)}
@@ -74,8 +75,10 @@ def language_metrics(hypotheses, references):
         bleu, _ = Bleu(4).compute_score(ref, hyp)
     rouge, _ = Rouge().compute_score(ref, hyp)
     cider, _ = Cider().compute_score(ref, hyp)
-    meteor = sum(sentence_meteor(h, r) for h, r in zip(hypotheses, references))
-    return {"bleu4": float(bleu[3]), "meteor": meteor / len(hypotheses), "rouge_l": float(rouge), "cider": float(cider)}
+    scores = {"bleu4": float(bleu[3]), "rouge_l": float(rouge), "cider": float(cider)}
+    if meteor:
+        scores["meteor"] = sum(sentence_meteor(h, r) for h, r in zip(hypotheses, references)) / len(hypotheses)
+    return scores
 
 
 def mean_absolute_error(predicted, truth):

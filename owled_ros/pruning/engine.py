@@ -10,7 +10,7 @@ once to measure each block's outlier ratio. Memory stays near one block's activa
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ PRUNERS = ("magnitude", "wanda", "sparsegpt", "alps")
 RECONSTRUCTING = {"sparsegpt": sparsegpt_, "alps": alps_}  # pruners that refit the kept weights from XᵀX
 ALLOCATIONS = ("uniform", "owl", "alpha")
 OUTLIER_RATIOS = ("per-layer", "pooled")
+# searched where M or lambda is left to the calibration data (None): around OWL's published defaults (5, 0.08)
+M_GRID = (3.0, 5.0, 7.0, 10.0)
+LAM_GRID = (0.02, 0.05, 0.08, 0.12, 0.2)
 
 
 @dataclass
@@ -35,7 +38,9 @@ class PruneSpec:
     keeps (uniform; OWL's outlier-weighted layerwise sparsity; or AlphaPruning's, from the heavy tails of
     the weights' spectra, which needs no data), the band 2 * lam wide for both; nm=(n, m): the N:M pattern, on every
     pruned layer. With nm and an OWL allocation, a target below 1 - n/m keeps the most outlier-heavy
-    layers dense; outlier_ratio: per block, pooled over its linears or the mean of per-linear ratios."""
+    layers dense; outlier_ratio: per block, pooled over its linears or the mean of per-linear ratios.
+    m_factor or lam None: chosen from the calibration data by prune_model (search_allocation), which writes
+    the choice here and every point it scored into `search`."""
     pruner: str
     allocation: str
     targets: dict  # component group ("llm", "vision") -> sparsity
@@ -43,15 +48,16 @@ class PruneSpec:
     m_factor: float = 5.0
     lam: float = 0.08
     outlier_ratio: str = "per-layer"
+    search: list = None
 
     def __post_init__(self):
         for value, allowed, what in ((self.pruner, PRUNERS, "pruner"), (self.allocation, ALLOCATIONS, "allocation"),
                                      (self.outlier_ratio, OUTLIER_RATIOS, "outlier ratio")):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
-        if not 0 < self.lam < 0.5:
+        if self.lam is not None and not 0 < self.lam < 0.5:
             raise ValueError(f"OWL lambda {self.lam} is outside (0, 0.5)")
-        if not (math.isfinite(self.m_factor) and self.m_factor > 0):
+        if self.m_factor is not None and not (math.isfinite(self.m_factor) and self.m_factor > 0):
             raise ValueError(f"outlier threshold M {self.m_factor} must be a finite number above 0")
         if self.nm:
             n, m = self.nm
@@ -65,6 +71,13 @@ class PruneSpec:
     @property
     def outlier_weighted(self):
         return self.allocation == "owl"
+
+    def grid(self):
+        """The (M, lambda) points to score: the fixed value of each, or its grid where it is left open. M
+        matters to OWL only; lambda to a band (not to N:M, whose dense layers OWL picks by rank)."""
+        ms = [self.m_factor] if self.m_factor is not None or not self.outlier_weighted else M_GRID
+        lams = [self.lam] if self.lam is not None or self.nm or self.allocation == "uniform" else LAM_GRID
+        return [(m, lam) for m in ms for lam in lams]
 
     @property
     def needs_activations(self):
@@ -231,21 +244,65 @@ def prune_block(block, stats, plan, pruner):
     return result
 
 
-def outlier_pass(model, components, samples, run, spec, progress=True):
-    """OWL pass 1: dense activations through every component; Outliers per block from its Wanda scores."""
-    found = {}
+def outlier_pass(model, components, samples, run, m_factors, progress=True):
+    """OWL pass 1: dense activations through every component. Per block: {M: Outliers} from its Wanda scores,
+    and every linear's per-input-feature sum of squares (the dense statistics)."""
+    found, norms = {}, {}
     for component, blocks in components.items():
         inputs, calls = capture(model, blocks, samples, run)
-        found[component] = []
+        found[component], norms[component] = [], []
         for index, block in enumerate(tqdm(blocks, desc=f"outliers {component}", leave=False, disable=not progress)):
             stats = {}
             outputs = block_outputs(block, inputs, calls[index], stats)
             with onloaded(model, block, changes=False):
                 scores = {name: wanda_scores(matrix(m).detach(), stats[name].sq) for name, m in prunable(block).items()}
-            found[component].append(Outliers(outlier_ratio(scores.values(), spec.m_factor),
-                                             {name: outlier_ratio([s], spec.m_factor) for name, s in scores.items()}))
+            found[component].append({m: Outliers(outlier_ratio(scores.values(), m),
+                                                  {name: outlier_ratio([s], m) for name, s in scores.items()})
+                                     for m in m_factors if m is not None})
+            norms[component].append({name: stats[name].sq for name in scores})
             inputs = outputs
-    return found
+    return found, norms
+
+
+@contextlib.contextmanager
+def masked(components, plans, norms, pruner):
+    """Every planned layer pruned at once by magnitude or Wanda scores from the dense statistics (no
+    reconstruction, no sequential pass), the weights restored on exit."""
+    removed = []
+    with torch.no_grad():
+        for component, blocks in components.items():
+            for block, plan, block_norms in zip(blocks, plans[component], norms[component]):
+                for name, module in prunable(block).items():
+                    sparsity, nm = plan[name]
+                    if not nm and not sparsity:
+                        continue
+                    weight = matrix(module)
+                    scores = weight.abs() if pruner == "magnitude" else wanda_scores(weight, block_norms[name])
+                    mask = nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
+                    removed.append((weight, mask, weight[mask].clone()))
+                    weight[mask] = 0
+        try:
+            yield
+        finally:
+            for weight, mask, values in removed:
+                weight[mask] = values
+
+
+def search_allocation(model, components, samples, run, spec, outliers, norms, progress=True):
+    """Score every (M, lambda) of spec.grid() by the calibration loss of the model pruned one-shot with the
+    dense statistics (magnitude for magnitude, Wanda scores otherwise: a cheap stand-in for the real pruner);
+    the lowest goes into spec, every point into spec.search."""
+    spec.search = []
+    for m_factor, lam in tqdm(spec.grid(), desc="M, lambda", leave=False, disable=not progress):
+        trial = replace(spec, m_factor=m_factor, lam=lam)
+        plans = {c: allocate(c, blocks, [o[m_factor] for o in outliers[c]] if trial.outlier_weighted else None, trial)
+                 for c, blocks in components.items()}
+        with masked(components, plans, norms, spec.pruner), torch.no_grad():
+            loss = float(np.mean([float(run(model, sample)) for sample in samples]))
+        spec.search.append({"M": m_factor, "lambda": lam, "calibration_loss": loss})
+    best = min(spec.search, key=lambda point: point["calibration_loss"])
+    spec.m_factor, spec.lam = best["M"], best["lambda"]
+    log.info("M %g, lambda %g chosen: calibration loss %.4f", spec.m_factor, spec.lam, best["calibration_loss"])
 
 
 def onloaded(model, block, changes=True):
@@ -288,9 +345,20 @@ def planned_sparsity(block, plan):
 
 def prune_model(model, samples, run, spec, progress=True):
     """Prune model in place. samples: calibration inputs for `run(model, sample)` (None for magnitude with
-    a uniform allocation). Returns the list of BlockRecords."""
+    a uniform allocation). An M or lambda left open in spec is chosen first (search_allocation). Returns the
+    list of BlockRecords."""
     components = {c: b for c, b in model.components().items() if target_of(c, spec.targets) is not None}
-    outliers = outlier_pass(model, components, samples, run, spec, progress) if spec.outlier_weighted else {}
+    grid = spec.grid()
+    if len(grid) > 1 and getattr(model, "offloaded", 0):
+        log.warning("M and lambda are not searched on a model offloaded to disk: OWL's defaults (5, 0.08) are used")
+        spec.m_factor, spec.lam = spec.m_factor or 5.0, spec.lam or 0.08
+        grid = spec.grid()
+    outliers = {}
+    if spec.outlier_weighted or len(grid) > 1:
+        outliers, norms = outlier_pass(model, components, samples, run, {m for m, _ in grid}, progress)
+        if len(grid) > 1:
+            search_allocation(model, components, samples, run, spec, outliers, norms, progress)
+        outliers = {c: [o[spec.m_factor] for o in blocks] for c, blocks in outliers.items()} if spec.outlier_weighted else {}
     records = []
     for component, blocks in components.items():
         plans = allocate(component, blocks, outliers.get(component), spec)

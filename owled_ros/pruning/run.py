@@ -81,13 +81,14 @@ def make_spec(method, targets, nm, m_factor, lam, pruner, allocation, outlier_ra
 LAYOUTS = ("auto", "dense", "bitmask")
 
 
-def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_factor=5.0, lam=0.08,
+def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_factor=None, lam=None,
           nsamples=128, seed=0, progress=True, pruner=None, allocation=None, outlier_ratio="per-layer", layout="auto",
           max_memory=None):
     """Prune model_dir ('default', one of our model directories or a local transformers checkpoint) into out
     (written to a temporary directory, renamed at the end); the arguments are checked before the model is
     read. Returns the report. sparsity: '0.5' or 'llm=0.5,vision=0.2'; default 0.5, or with nm all that N:M
-    removes (1 - n/m). layout: how pruned weights are stored, 'dense' (plain safetensors with the zeros),
+    removes (1 - n/m). m_factor, lam: OWL's M and the allocation's lambda; None: chosen from the calibration
+    data (report.json: "allocation_search"). layout: how pruned weights are stored, 'dense' (plain safetensors with the zeros),
     'bitmask' (our compact layout), 'auto' (the model's own: ours bitmask, transformers checkpoints dense).
     max_memory (e.g. '2GB'): a transformers checkpoint larger than that keeps the rest of its weights on disk,
     each block onloaded while it runs or is pruned."""
@@ -122,7 +123,7 @@ def prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layo
         raise PruneError(f"--sparsity names {', '.join(unknown)}: not a component of {model.model_id} "
                          f"(it has {', '.join(components)})")
     samples, run, info = None, None, {"kind": "none"}
-    if spec.needs_activations or spec.outlier_weighted:
+    if spec.needs_activations or spec.outlier_weighted or len(spec.grid()) > 1:
         if calib is None:
             raise PruneError(f"--method {method} needs --calib")
         samples, run, info = calibration.load(calib, model.tokenizer, nsamples, seed)
@@ -181,6 +182,7 @@ def make_report(model, records, method, spec, info, nsamples):
         "model_id": model.model_id, "method": method, "pruner": spec.pruner, "allocation_rule": spec.allocation,
         "outlier_ratio": spec.outlier_ratio if spec.outlier_weighted else None, "targets": spec.targets,
         "nm": list(spec.nm) if spec.nm else None, "M": spec.m_factor, "lambda": spec.lam,
+        "allocation_search": spec.search,
         "calibration": info | {"nsamples": nsamples},
         "achieved": {"pruned_components": achieved(all_layers),
                      "whole_model": sum(z for z, _ in all_layers.values()) / total,
