@@ -30,6 +30,7 @@ OUTLIER_RATIOS = ("per-layer", "pooled")
 # searched where M or lambda is left to the calibration data (None): around OWL's published defaults (5, 0.08)
 M_GRID = (3.0, 5.0, 7.0, 10.0)
 LAM_GRID = (0.02, 0.05, 0.08, 0.12, 0.2)
+SEARCH_SAMPLES = 16  # calibration samples scoring each grid point (the loss only ranks the points)
 
 
 @dataclass
@@ -289,10 +290,10 @@ def masked(components, plans, norms, pruner):
 
 
 def search_allocation(model, components, samples, run, spec, outliers, norms, progress=True):
-    """Score every (M, lambda) of spec.grid() by the calibration loss of the model pruned one-shot with the
-    dense statistics (magnitude for magnitude, Wanda scores otherwise: a cheap stand-in for the real pruner);
-    the lowest goes into spec, every point into spec.search."""
-    spec.search = []
+    """Score every (M, lambda) of spec.grid() by the calibration loss (on the first SEARCH_SAMPLES samples) of
+    the model pruned one-shot with the dense statistics (magnitude for magnitude, Wanda scores otherwise: a
+    cheap stand-in for the real pruner); the lowest goes into spec, every point into spec.search."""
+    spec.search, samples = [], samples[:SEARCH_SAMPLES]
     for m_factor, lam in tqdm(spec.grid(), desc="M, lambda", leave=False, disable=not progress):
         trial = replace(spec, m_factor=m_factor, lam=lam)
         plans = {c: allocate(c, blocks, [o[m_factor] for o in outliers[c]] if trial.outlier_weighted else None, trial)
