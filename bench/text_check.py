@@ -73,6 +73,11 @@ def markdown(summary, sparsities=SPARSITIES):
              f"{2 * PruneSpec.lam:g}) or AlphaPruning (heavy-tailed weight spectra, the same band).", ""]
     lines += table(["pruner", "allocation"] + [f"{s:.0%}" for s in sparsities],
                    [[p, a] + [value(f"{p}-{a}-{s:g}") for s in sparsities] for p in pruners for a in ALLOCATIONS])
+    lines += ["", "Lowest perplexity at each sparsity, and against OWL × SparseGPT:", ""]
+    best = lambda s: min((r for r in summary["results"] if r.get("target") == s and not r.get("nm")), key=lambda r: r["perplexity"])
+    lines += table(["sparsity", "pruner", "allocation", "perplexity", "× OWL × SparseGPT"],
+                   [[f"{s:.0%}", best(s)["pruner"], best(s)["allocation"], best(s)["perplexity"],
+                     f"{best(s)['perplexity'] / rows[f'sparsegpt-owl-{s:g}']['perplexity']:.2f}"] for s in sparsities])
     lines += ["", "Hardware 2:4: every linear 2:4 (50 %), or 80 % of the linear weights in 2:4 with the most "
                   "outlier-heavy layers dense (40 %).", ""]
     lines += table(["pruner", "2:4 everywhere (50 %)", "2:4 + dense outlier layers (40 %)"],

@@ -10,6 +10,7 @@ from pathlib import Path
 from .data.frames import SYNC_SLOP_S
 from .model import load_model
 from .runtime import BACKENDS, prepare
+from .pruning.calibration import ANSWERS
 from .pruning.engine import ALLOCATIONS, LAM_GRID, M_GRID, OUTLIER_RATIOS, PRUNERS
 from .pruning.run import LAYOUTS, METHODS
 
@@ -50,7 +51,7 @@ def cmd_prune(args):
     logging.getLogger("owled_ros.pruning").setLevel(logging.INFO)  # per-block targets, achieved, outlier ratios
     report = prune(args.model, args.out, args.method, args.sparsity, args.calib, args.nm, args.M,
                    args.lam, args.nsamples, args.seed, pruner=args.pruner, allocation=args.allocation,
-                   outlier_ratio=args.outlier_ratio, layout=args.layout, max_memory=args.max_memory)
+                   outlier_ratio=args.outlier_ratio, layout=args.layout, max_memory=args.max_memory, answers=args.answers)
     achieved = report["achieved"]
     print(f"pruned {report['model_id']} with {report['method']}: achieved sparsity "
           f"{achieved['pruned_components']:.4f} over pruned components ({achieved['whole_model']:.4f} of all "
@@ -209,6 +210,9 @@ def parser():
     s.add_argument("--lam", type=float, help="the allocation's band is 2 lambda wide (owl, alpha; default: chosen from the "
                                            f"calibration data among {', '.join(f'{l:g}' for l in LAM_GRID)})")
     s.add_argument("--nsamples", type=POSITIVE, default=128)
+    s.add_argument("--answers", choices=ANSWERS, default="reference",
+                   help="driving calibration answers: the set's (the dense model's where it has none), or the dense "
+                        "model's own for every sample (calibrates on what the model says)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--layout", choices=LAYOUTS, default="auto",
                    help="pruned weights as plain safetensors with the zeros (dense: transformers/vLLM load it), our "

@@ -111,11 +111,13 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
     with pytest.raises(ValueError, match="has 5 frame sets; --eval-frames asks for 6"):
         run_bench(tmp_path / "model", tmp_path / "out", eval_set=tmp_path / "eval", eval_frames=6)
     summary = run_bench(tmp_path / "model", tmp_path / "out", sparsities=(0.5,), nm="2:4", methods=("wanda", "owled"),
-                        nm_methods=("wanda", "owled"), nsamples=8, eval_frames=4, generated_frames=2, max_new_tokens=4,
+                        nm_methods=("wanda", "owled"), answer_methods=("owled",), nsamples=8, eval_frames=4,
+                        generated_frames=2, max_new_tokens=4,
                         eval_set=tmp_path / "eval", calib=tmp_path / "calib", log=lambda *_: None)
     assert summary["frames"] == "synthetic"
     names = [r["name"] for r in summary["results"]]
-    assert names == ["dense", "dense, blank images", "wanda-0.5", "owled-0.5", "wanda-2:4", "owled-2:4-0.4"]
+    assert names == ["dense", "dense, blank images", "wanda-0.5", "owled-0.5", "owled-dense-answers-0.5", "wanda-2:4",
+                     "owled-2:4-0.4"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     for row in saved["results"]:
         for key in [k for k, _ in CLOSED + GENERATED]:
@@ -124,9 +126,10 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
         assert all(len(v) == 4 for v in row["items"].values())  # one value per frame set
         assert {key for key, _ in COST} - {"prune_s", "prune_peak_mb"} <= set(row)
     assert saved["results"][3]["achieved"] == pytest.approx(0.5, abs=0.02)
-    assert saved["results"][5]["achieved"] == pytest.approx(0.4, abs=0.1)
+    assert saved["results"][6]["achieved"] == pytest.approx(0.4, abs=0.1)
     pruned = names[2:]
-    assert {(c["challenger"], c["baseline"]) for c in saved["comparisons"]} == {("owled-0.5", "wanda-0.5")} | {
+    assert {(c["challenger"], c["baseline"]) for c in saved["comparisons"]} == {
+        ("owled-0.5", "wanda-0.5"), ("owled-dense-answers-0.5", "owled-0.5")} | {
         (name, "dense") for name in pruned}  # generated answers against the dense model's
     assert {c["metric"] for c in saved["comparisons"] if c["baseline"] == "dense"} == {f"gen_{k}" for k in PAIRED_GENERATED}
     assert all(c["low"] <= c["difference"] <= c["high"] for c in saved["comparisons"])
@@ -140,7 +143,8 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
     assert [line.split(" | ")[0] for line in images[2:]] == ["| dense", "| dense, blank images"]
     assert len(paired) == 2 + len(saved["comparisons"])
     # a row's recorded command makes its model again
-    args = saved["results"][5]["args"]
+    assert saved["results"][4]["args"][-2:] == ["--answers", "dense"]
+    args = saved["results"][6]["args"]
     assert args[:2] == ["owled", "prune"] and "--out" in args
     args[args.index("--out") + 1] = str(tmp_path / "again")
     subprocess.run([sys.executable, "-m", "owled_ros.cli", *args[1:]], check=True, capture_output=True)

@@ -16,7 +16,7 @@ from owled_ros.model.sparse_kernels import is_two_four
 from owled_ros.model.vision import load_backbone_weights
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.pruning.alps import alps_
-from owled_ros.pruning.engine import LAM_GRID, M_GRID, PruneSpec, prunable, prune_model
+from owled_ros.pruning.engine import DEFAULT_LAM, LAM_GRID, M_GRID, PruneSpec, prunable, prune_model
 from owled_ros.pruning.run import PruneError, prune
 from owled_ros.pruning.sparsegpt import sparsegpt_
 from owled_ros.pruning.sparsity import (heavy_tail_alpha, nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask,
@@ -212,11 +212,14 @@ def test_two_four_below_half_keeps_the_most_outlier_heavy_layers_dense(tiny_dirs
 def test_open_m_and_lambda_are_chosen_by_calibration_loss_and_the_choice_prunes_as_if_fixed(tiny_dirs):
     searched = prune(tiny_dirs / "model", tiny_dirs / "searched", "owled", "0.6", tiny_dirs / "calib", nsamples=8,
                      progress=False)
-    points = searched["allocation_search"]
-    assert {(p["M"], p["lambda"]) for p in points} == {(m, lam) for m in M_GRID for lam in LAM_GRID}
-    best = min(points, key=lambda p: p["calibration_loss"])
-    assert (searched["M"], searched["lambda"]) == (best["M"], best["lambda"])
-    assert len({p["calibration_loss"] for p in points}) > 1  # the points differ: each pruned its own way
+    points = {(p["M"], p["lambda"]): p["calibration_loss"] for p in searched["allocation_search"]}
+    chosen = searched["M"], searched["lambda"]
+    # M first at OWL's default lambda, then lambda at the best M
+    assert set(points) == {(m, DEFAULT_LAM) for m in M_GRID} | {(chosen[0], lam) for lam in LAM_GRID}
+    assert chosen[0] == min(M_GRID, key=lambda m: points[m, DEFAULT_LAM])
+    assert chosen[1] == min(LAM_GRID, key=lambda lam: points[chosen[0], lam])
+    best = {"M": chosen[0], "lambda": chosen[1]}
+    assert len(set(points.values())) > 1  # the points differ: each pruned its own way
     # every point's trial pruning was undone: the same choice given by hand prunes to the same weights
     fixed = prune(tiny_dirs / "model", tiny_dirs / "fixed", "owled", "0.6", tiny_dirs / "calib", nsamples=8,
                   progress=False, m_factor=best["M"], lam=best["lambda"])
@@ -509,10 +512,10 @@ def test_one_component_of_a_group_can_be_pruned_alone(tmp_path):
         prune(tmp_path / "model", tmp_path / "out2", "wanda", "camera.front=0.3", tmp_path / "calib", progress=False)
 
 
-def test_frame_sets_without_answers_calibrate_on_the_dense_models_own_answers(tiny_dirs, tmp_path):
+def test_frame_sets_without_answers_or_asked_to_calibrate_on_the_dense_models_own_answers(tiny_dirs, tmp_path):
     from owled_ros.data.bags import driving_questions
     from owled_ros.data.calib import ShardWriter, read_samples
-    from owled_ros.pruning.calibration import answer_missing
+    from owled_ros.pruning.calibration import dense_answers
 
     frame_sets = read_samples(tiny_dirs / "calib")[:4]
     writer = ShardWriter(tmp_path / "recorded", "car-0000")
@@ -522,8 +525,17 @@ def test_frame_sets_without_answers_calibrate_on_the_dense_models_own_answers(ti
     model = DrivingVLM.from_pretrained(tiny_dirs / "model")
     question = "What should the ego vehicle do?"
     samples = [(s.images(), question, "") for s in frame_sets[:3]] + [(frame_sets[3].images(), question, "Stop.")]
-    filled, count = answer_missing(model, list(samples), batch=2)
+    filled, count = dense_answers(model, list(samples), batch=2)
     assert count == 3 and filled[3] == samples[3]
     assert [answer for *_, answer in filled[:3]] == model.answer([s[0] for s in samples[:3]], [question] * 3)
     report = prune(tiny_dirs / "model", tmp_path / "out", "wanda", "0.5", tmp_path / "recorded", nsamples=4, progress=False)
     assert report["calibration"]["dense_model_answers"] == 4
+    # --answers dense: every answer the dense model's, reference answers included
+    replaced, count = dense_answers(model, list(samples), replace_all=True, batch=2)
+    assert count == 4 and replaced[3][2] == model.answer([samples[3][0]], [question])[0] != "Stop."
+    report = prune(tiny_dirs / "model", tmp_path / "self", "wanda", "0.5", tiny_dirs / "calib", nsamples=4,
+                   progress=False, answers="dense")
+    assert report["calibration"]["answers"] == "dense" and report["calibration"]["dense_model_answers"] == 4
+    with pytest.raises(PruneError, match="--answers dense needs driving calibration"):
+        prune(tiny_dirs / "model", tmp_path / "text", "wanda", "0.5", tiny_dirs / "text.txt", nsamples=4, answers="dense")
+    assert not (tmp_path / "text").exists()

@@ -34,9 +34,11 @@ GENERATED = [("gen_action_exact_match", "action EM"), ("gen_action_accuracy", "a
 COST = [("ppl_driving", "ppl driving"), ("size_mb", "size MB"),
         ("seconds_per_answer", "s/answer"), ("prune_s", "prune s"), ("prune_peak_mb", "prune peak MB")]
 # (challenger, baseline): the same pruner and calibration, OWL's allocation against the uniform one; SparseGPT's
-# reconstruction against Wanda's scores, ALPS's against SparseGPT's
+# reconstruction against Wanda's scores, ALPS's against SparseGPT's; the dense model's answers as calibration
+# targets against the calibration set's own
 PAIRS = [("owled", "wanda"), ("owled-sparsegpt", "sparsegpt"), ("owled-alps", "alps"), ("sparsegpt", "wanda"),
-         ("alps", "sparsegpt"), ("owled-sparsegpt", "owled"), ("owled", "owl")]
+         ("alps", "sparsegpt"), ("owled-sparsegpt", "owled"), ("owled", "owl")] + [
+    (f"{m}-dense-answers", m) for m in METHODS]
 COMPARED = ["closed_mean_acc", "action_acc", "light_acc"]
 
 
@@ -45,17 +47,21 @@ def text_path(name):
     return Path(resources.files("owled_ros") / "data" / "text" / f"{name}.txt")
 
 
-def runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity):
-    """(name, method, sparsity spec, nm) of the sweep: every method at the first sparsity, high_methods at
-    the others; nm_methods in N:M: uniform ones on every linear, OWL ones at 40 % with the most
-    outlier-heavy layers dense."""
-    plan = [(f"{m}-{s:g}", m, f"{s:g}", None) for i, s in enumerate(sparsities) for m in methods
+def runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity, answer_methods=()):
+    """(name, label, method, sparsity spec, nm, extra arguments) of the sweep (label: the method and variant that
+    paired comparisons match): every method at the first sparsity,
+    high_methods at the others; nm_methods in N:M: uniform ones on every linear, OWL ones at 40 % with the
+    most outlier-heavy layers dense; answer_methods at every sparsity again, calibrated on the dense model's
+    own answers."""
+    plan = [(f"{m}-{s:g}", m, m, f"{s:g}", None, []) for i, s in enumerate(sparsities) for m in methods
             if i == 0 or m in high_methods]
+    plan += [(f"{m}-dense-answers-{s:g}", f"{m}-dense-answers", m, f"{s:g}", None, ["--answers", "dense"])
+             for s in sparsities for m in answer_methods]
     for m in nm_methods if nm else ():
-        plan.append((f"{m}-{nm}-0.4", m, "0.4", nm) if METHODS[m][1] == "owl" else (f"{m}-{nm}", m, None, nm))
+        plan.append((f"{m}-{nm}-0.4", m, m, "0.4", nm, []) if METHODS[m][1] == "owl" else (f"{m}-{nm}", m, m, None, nm, []))
     if component_sparsity:
-        plan += [(f"owled-vision-only-{component_sparsity:g}", "owled", f"vision={component_sparsity:g}", None),
-                 (f"owled-llm-only-{component_sparsity:g}", "owled", f"llm={component_sparsity:g}", None)]
+        plan += [(f"owled-vision-only-{component_sparsity:g}", "owled", "owled", f"vision={component_sparsity:g}", None, []),
+                 (f"owled-llm-only-{component_sparsity:g}", "owled", "owled", f"llm={component_sparsity:g}", None, [])]
     return plan
 
 
@@ -74,7 +80,8 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sp
               generated_frames=100, max_new_tokens=32,
               methods=("wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt", "alps", "owled-alps"),
               high_methods=("sparsegpt", "owled-sparsegpt", "alps", "owled-alps"),
-              nm_methods=("wanda", "sparsegpt", "owled-sparsegpt"), calib=None, eval_set=None,
+              nm_methods=("wanda", "sparsegpt", "owled-sparsegpt"), answer_methods=("owled-sparsegpt",), calib=None,
+              eval_set=None,
               log=print):
     """model_dir: 'default', one of our model directories or a transformers checkpoint (closed questions only
     where the model scores options). calib, eval_set: calibration and held-out frame sets (directories);
@@ -104,16 +111,17 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sp
     del model
     results = [dense, blank]
     log(f"dense: {headline(dense)}; blank images: {headline(blank)}")
-    plan = runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity)
-    for name, method, sparsity, pattern in plan:
+    plan = runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity, answer_methods)
+    for name, label, method, sparsity, pattern, extra in plan:
         command = [sys.executable, "-m", "owled_ros.cli", "prune", "--model", str(model_dir), "--out", str(work / name),
                    "--method", method, "--calib", str(text_path("generic") if method == "owl" else calib),
                    "--nsamples", str(nsamples)]
         command += ["--sparsity", sparsity] if sparsity else []
         command += ["--nm", pattern] if pattern else []
+        command += extra
         subprocess.run(command, check=True, capture_output=True, text=True)
         report = json.loads((work / name / "report.json").read_text())
-        row = {"name": name, "method": method, "target": f"{pattern} {sparsity or ''}".strip() if pattern else sparsity,
+        row = {"name": name, "method": label, "target": f"{pattern} {sparsity or ''}".strip() if pattern else sparsity,
                "achieved": report["achieved"]["pruned_components"], "prune_s": report["seconds"],
                "prune_peak_mb": report["peak_rss_mb"], "args": ["owled", *command[3:]],
                **measure(load_model(work / name), work / name, eval_samples, generated_frames, max_new_tokens)}

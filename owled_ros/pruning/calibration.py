@@ -36,17 +36,21 @@ def driving_samples(root, nsamples, seed=0):
     return triples, {"kind": "driving", "source": str(root), "sha256": digest, "frame_sets": len(frame_sets)}
 
 
-def answer_missing(model, samples, batch=8):
-    """Frame sets recorded on the road come with questions but no reference answers: the dense model's own
-    answers stand in, so that the calibration covers the answer tokens the pruned model will produce (with
-    none, it would see only prompts). Returns the samples and how many answers were filled in."""
-    missing = [i for i, (_, _, answer) in enumerate(samples) if not answer]
-    for start in range(0, len(missing), batch):
-        rows = missing[start:start + batch]
+ANSWERS = ("reference", "dense")
+
+
+def dense_answers(model, samples, replace_all=False, batch=8):
+    """The dense model's own greedy answers in place of the samples' missing answers (frame sets recorded on the
+    road come with questions only: with none, the calibration would see only prompts), or of every answer
+    (replace_all: calibrate on what the model says, the text the pruned model should keep producing).
+    Returns the samples and how many answers were the dense model's."""
+    chosen = [i for i, (_, _, answer) in enumerate(samples) if replace_all or not answer]
+    for start in range(0, len(chosen), batch):
+        rows = chosen[start:start + batch]
         answers = model.answer([samples[i][0] for i in rows], [samples[i][1] for i in rows])
         for i, answer in zip(rows, answers):
             samples[i] = (samples[i][0], samples[i][1], answer)
-    return samples, len(missing)
+    return samples, len(chosen)
 
 
 def text_samples(path, tokenizer, nsamples, seed=0, tokens=TEXT_TOKENS):

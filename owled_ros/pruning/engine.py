@@ -27,10 +27,11 @@ PRUNERS = ("magnitude", "wanda", "sparsegpt", "alps")
 RECONSTRUCTING = {"sparsegpt": sparsegpt_, "alps": alps_}  # pruners that refit the kept weights from XᵀX
 ALLOCATIONS = ("uniform", "owl", "alpha")
 OUTLIER_RATIOS = ("per-layer", "pooled")
-# searched where M or lambda is left to the calibration data (None): around OWL's published defaults (5, 0.08)
+# searched where M or lambda is left to the calibration data (None): around OWL's published defaults
+DEFAULT_M, DEFAULT_LAM = 5.0, 0.08
 M_GRID = (3.0, 5.0, 7.0, 10.0)
 LAM_GRID = (0.02, 0.05, 0.08, 0.12, 0.2)
-SEARCH_SAMPLES = 16  # calibration samples scoring each grid point (the loss only ranks the points)
+SEARCH_SAMPLES = 8  # calibration samples scoring each point (the loss only ranks the points)
 
 
 @dataclass
@@ -46,8 +47,8 @@ class PruneSpec:
     allocation: str
     targets: dict  # component group ("llm", "vision") -> sparsity
     nm: tuple = None  # (n, m)
-    m_factor: float = 5.0
-    lam: float = 0.08
+    m_factor: float = DEFAULT_M
+    lam: float = DEFAULT_LAM
     outlier_ratio: str = "per-layer"
     search: list = None
 
@@ -73,12 +74,16 @@ class PruneSpec:
     def outlier_weighted(self):
         return self.allocation == "owl"
 
-    def grid(self):
-        """The (M, lambda) points to score: the fixed value of each, or its grid where it is left open. M
+    def candidates(self):
+        """(M values, lambda values) to score: the fixed value of each, or its grid where it is left open. M
         matters to OWL only; lambda to a band (not to N:M, whose dense layers OWL picks by rank)."""
-        ms = [self.m_factor] if self.m_factor is not None or not self.outlier_weighted else M_GRID
-        lams = [self.lam] if self.lam is not None or self.nm or self.allocation == "uniform" else LAM_GRID
-        return [(m, lam) for m in ms for lam in lams]
+        ms = [self.m_factor] if self.m_factor is not None or not self.outlier_weighted else list(M_GRID)
+        lams = [self.lam] if self.lam is not None or self.nm or self.allocation == "uniform" else list(LAM_GRID)
+        return ms, lams
+
+    @property
+    def searched(self):
+        return any(len(values) > 1 for values in self.candidates())
 
     @property
     def needs_activations(self):
@@ -289,21 +294,29 @@ def masked(components, plans, norms, pruner):
                 weight[mask] = values
 
 
-def search_allocation(model, components, samples, run, spec, outliers, norms, progress=True):
-    """Score every (M, lambda) of spec.grid() by the calibration loss (on the first SEARCH_SAMPLES samples) of
-    the model pruned one-shot with the dense statistics (magnitude for magnitude, Wanda scores otherwise: a
-    cheap stand-in for the real pruner); the lowest goes into spec, every point into spec.search."""
-    spec.search, samples = [], samples[:SEARCH_SAMPLES]
-    for m_factor, lam in tqdm(spec.grid(), desc="M, lambda", leave=False, disable=not progress):
-        trial = replace(spec, m_factor=m_factor, lam=lam)
-        plans = {c: allocate(c, blocks, [o[m_factor] for o in outliers[c]] if trial.outlier_weighted else None, trial)
-                 for c, blocks in components.items()}
-        with masked(components, plans, norms, spec.pruner), torch.no_grad():
-            loss = float(np.mean([float(run(model, sample)) for sample in samples]))
-        spec.search.append({"M": m_factor, "lambda": lam, "calibration_loss": loss})
-    best = min(spec.search, key=lambda point: point["calibration_loss"])
-    spec.m_factor, spec.lam = best["M"], best["lambda"]
-    log.info("M %g, lambda %g chosen: calibration loss %.4f", spec.m_factor, spec.lam, best["calibration_loss"])
+def search_allocation(model, components, samples, run, spec, outliers, norms):
+    """Choose the open M and lambda of spec: each point is scored by the calibration loss (first SEARCH_SAMPLES
+    samples) of the model pruned one-shot with the dense statistics (magnitude for magnitude, Wanda scores
+    otherwise: a cheap stand-in for the real pruner). M first, at OWL's default lambda (or the one given),
+    then lambda at the best M. The choice goes into spec, every point scored into spec.search."""
+    ms, lams = spec.candidates()
+    samples, scored = samples[:SEARCH_SAMPLES], {}
+
+    def loss(m_factor, lam):
+        if (m_factor, lam) not in scored:
+            trial = replace(spec, m_factor=m_factor, lam=lam)
+            plans = {c: allocate(c, blocks, [o[m_factor] for o in outliers[c]] if trial.outlier_weighted else None, trial)
+                     for c, blocks in components.items()}
+            with masked(components, plans, norms, spec.pruner), torch.no_grad():
+                scored[m_factor, lam] = float(np.mean([float(run(model, sample)) for sample in samples]))
+        return scored[m_factor, lam]
+
+    first_lam = lams[0] if len(lams) == 1 else DEFAULT_LAM
+    best_m = min(ms, key=lambda m: loss(m, first_lam))
+    best_lam = min(lams, key=lambda lam: loss(best_m, lam))
+    spec.m_factor, spec.lam = best_m, best_lam
+    spec.search = [{"M": m, "lambda": lam, "calibration_loss": value} for (m, lam), value in scored.items()]
+    log.info("M %s, lambda %s chosen: calibration loss %.4f", best_m, best_lam, scored[best_m, best_lam])
 
 
 def onloaded(model, block, changes=True):
@@ -349,16 +362,14 @@ def prune_model(model, samples, run, spec, progress=True):
     a uniform allocation). An M or lambda left open in spec is chosen first (search_allocation). Returns the
     list of BlockRecords."""
     components = {c: b for c, b in model.components().items() if target_of(c, spec.targets) is not None}
-    grid = spec.grid()
-    if len(grid) > 1 and getattr(model, "offloaded", 0):
-        log.warning("M and lambda are not searched on a model offloaded to disk: OWL's defaults (5, 0.08) are used")
-        spec.m_factor, spec.lam = spec.m_factor or 5.0, spec.lam or 0.08
-        grid = spec.grid()
+    if spec.searched and getattr(model, "offloaded", 0):
+        log.warning("M and lambda are not searched on a model offloaded to disk: OWL's defaults are used")
+        spec.m_factor, spec.lam = spec.m_factor or DEFAULT_M, spec.lam or DEFAULT_LAM
     outliers = {}
-    if spec.outlier_weighted or len(grid) > 1:
-        outliers, norms = outlier_pass(model, components, samples, run, {m for m, _ in grid}, progress)
-        if len(grid) > 1:
-            search_allocation(model, components, samples, run, spec, outliers, norms, progress)
+    if spec.outlier_weighted or spec.searched:
+        outliers, norms = outlier_pass(model, components, samples, run, spec.candidates()[0], progress)
+        if spec.searched:
+            search_allocation(model, components, samples, run, spec, outliers, norms)
         outliers = {c: [o[spec.m_factor] for o in blocks] for c, blocks in outliers.items()} if spec.outlier_weighted else {}
     records = []
     for component, blocks in components.items():

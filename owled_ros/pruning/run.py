@@ -83,7 +83,7 @@ LAYOUTS = ("auto", "dense", "bitmask")
 
 def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_factor=None, lam=None,
           nsamples=128, seed=0, progress=True, pruner=None, allocation=None, outlier_ratio="per-layer", layout="auto",
-          max_memory=None):
+          max_memory=None, answers="reference"):
     """Prune model_dir ('default', one of our model directories or a local transformers checkpoint) into out
     (written to a temporary directory, renamed at the end); the arguments are checked before the model is
     read. Returns the report. sparsity: '0.5' or 'llm=0.5,vision=0.2'; default 0.5, or with nm all that N:M
@@ -91,7 +91,8 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
     data (report.json: "allocation_search"). layout: how pruned weights are stored, 'dense' (plain safetensors with the zeros),
     'bitmask' (our compact layout), 'auto' (the model's own: ours bitmask, transformers checkpoints dense).
     max_memory (e.g. '2GB'): a transformers checkpoint larger than that keeps the rest of its weights on disk,
-    each block onloaded while it runs or is pruned."""
+    each block onloaded while it runs or is pruned. answers: the driving calibration's answer tokens, the set's
+    reference answers (the dense model's where a frame set has none) or the dense model's own for every sample."""
     start = time.time()
     nm = parse_nm(nm)
     targets = parse_sparsity(sparsity if sparsity is not None else f"{1 - nm[0] / nm[1]:g}" if nm else "0.5")
@@ -100,20 +101,22 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
     spec = make_spec(method, targets, nm, m_factor, lam, pruner, allocation, outlier_ratio)
     if layout not in LAYOUTS:
         raise PruneError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if answers not in calibration.ANSWERS:
+        raise PruneError(f"unknown answers {answers!r}; choose one of {', '.join(calibration.ANSWERS)}")
     out = Path(out)
     if out.exists():
         raise PruneError(f"output directory already exists: {out}")
     offload = out.with_name(f".{out.name}.offload")
     try:
         model = load_model(model_dir, max_memory=max_memory, offload_folder=offload)
-        return prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layout, max_memory, start)
+        return prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layout, max_memory, start, answers)
     except ValueError as error:
         raise PruneError(str(error)) from None
     finally:
         shutil.rmtree(offload, ignore_errors=True)
 
 
-def prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layout, max_memory, start):
+def prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layout, max_memory, start, answers):
     targets, nm = spec.targets, spec.nm
     if layout == "bitmask" and getattr(model, "offloaded", 0):
         raise PruneError("--layout bitmask needs the whole model in memory; an offloaded model (--max-memory) is saved dense")
@@ -123,15 +126,18 @@ def prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layo
         raise PruneError(f"--sparsity names {', '.join(unknown)}: not a component of {model.model_id} "
                          f"(it has {', '.join(components)})")
     samples, run, info = None, None, {"kind": "none"}
-    if spec.needs_activations or spec.outlier_weighted or len(spec.grid()) > 1:
+    if spec.needs_activations or spec.outlier_weighted or spec.searched:
         if calib is None:
             raise PruneError(f"--method {method} needs --calib")
         samples, run, info = calibration.load(calib, model.tokenizer, nsamples, seed)
         check_calibration(method, info)
         if info["kind"] == "driving" and not model.sees_images:
             raise PruneError(f"{model.model_id} is a text-only model: calibrate it with a text file (--calib FILE.txt)")
+        if answers == "dense" and info["kind"] != "driving":
+            raise PruneError("--answers dense needs driving calibration (frame sets with questions); --calib is a text file")
         if info["kind"] == "driving":
-            samples, info["dense_model_answers"] = calibration.answer_missing(model, samples)
+            info["answers"] = answers
+            samples, info["dense_model_answers"] = calibration.dense_answers(model, samples, answers == "dense")
         if any(group_of(t) == "vision" for t in targets) and info["kind"] == "text":
             raise PruneError("pruning the vision side needs image calibration; --calib is a text file")
     records = prune_model(model, samples, run, spec, progress)
