@@ -1,5 +1,6 @@
-"""ros2 launch owled_ros drive.launch.py [model_dir:=DIR] [input:=live|bag] [bag:=PATH] [rate:=1.0] [dds_profile:=XML]
-[discovery_range:=LOCALHOST|SUBNET]"""
+"""ros2 launch owled_ros drive.launch.py [model_dir:=DIR] [backend:=auto|torch|openvino|openvino-int8]
+[camera_topics:=[T1,T2]] [namespace:=NS] [params_file:=YAML] [use_sim_time:=true] [input:=live|bag] [bag:=PATH]
+[rate:=1.0] [dds_profile:=XML] [discovery_range:=LOCALHOST|SUBNET]"""
 from launch import LaunchDescription
 
 from owled_ros.nodes.launching import input_actions, node
@@ -8,6 +9,8 @@ from owled_ros.nodes.launching import input_actions, node
 def generate_launch_description():
     return LaunchDescription([
         *node("drive_node", "owled_drive", "drive.yaml",
-              model_dir={"default_value": "default", "description": "default, an owled_ros model directory or a transformers checkpoint (dense or pruned)"}),
+              model_dir=(str, "default, an owled_ros model directory or a transformers checkpoint (dense or pruned)"),
+              backend=(str, "auto (the fastest installed), torch, openvino or openvino-int8"),
+              camera_topics=(list, "camera image topics, e.g. [/cam/front/image,/cam/back/image]")),
         *input_actions(),
     ])

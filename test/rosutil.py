@@ -22,8 +22,8 @@ ROOT = Path(__file__).parents[1]
 RELIABLE = QoSProfile(depth=50, reliability=QoSReliabilityPolicy.RELIABLE)
 
 
-def start_node(module, params, log_path):
-    args = [sys.executable, "-m", module, "--ros-args"]
+def start_node(module, params, log_path, namespace=None):
+    args = [sys.executable, "-m", module, "--ros-args"] + (["-r", f"__ns:={namespace}"] if namespace else [])
     for key, value in params.items():
         args += ["-p", f"{key}:={value}"]
     log = open(log_path, "w")
@@ -72,9 +72,11 @@ class Peer:
         self.node.create_subscription(kind, topic, self.received[topic].append, qos)
 
     def spin(self, seconds, until=None):
+        """Spin for `seconds` or until `until()` holds; returns whether it does (None without a condition)."""
         end = time.monotonic() + seconds
         while time.monotonic() < end and not (until and until()):
             self.executor.spin_once(timeout_sec=0.05)
+        return bool(until()) if until else None
 
     def wait_for_subscribers(self, publisher, count=1, timeout=60):
         self.spin(timeout, until=lambda: publisher.get_subscription_count() >= count)

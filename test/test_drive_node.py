@@ -201,6 +201,32 @@ def test_long_questions_are_refused_and_flooded_ones_counted(model_dir, peer, tm
         assert stop_node(node) == 0
 
 
+def test_two_drive_nodes_in_namespaces_share_the_cameras_and_keep_their_own_topics(model_dir, peer, tmp_path):
+    for car in ("car1", "car2"):
+        peer.collect(PredictedAction, f"/{car}/owled/action")
+        peer.collect(QAAnswer, f"/{car}/owled/answers")
+    nodes = [start_node("owled_ros.nodes.drive_node", params(model_dir), tmp_path / f"{car}.log", namespace=f"/{car}")
+             for car in ("car1", "car2")]
+    try:
+        assert peer.wait_for_subscribers(peer.pubs[0], count=2), (tmp_path / "car1.log").read_text()
+        for second in range(1, 30):
+            publish_set(peer, second * 10**9)
+            if peer.spin(1.0, until=lambda: all(peer.received[f"/{c}/owled/action"] for c in ("car1", "car2"))):
+                break
+        assert all(peer.received[f"/{c}/owled/action"] for c in ("car1", "car2"))
+        asker = peer.node.create_publisher(Question, "/car1/owled/questions", 10)
+        assert peer.wait_for_subscribers(asker)
+        asker.publish(Question(question_id="q-car1", category="planning", question="What should the ego vehicle do?"))
+        assert peer.spin(30, until=lambda: peer.received["/car1/owled/answers"])
+        peer.spin(2.0)
+        assert [a.question_id for a in peer.received["/car1/owled/answers"]] == ["q-car1"]
+        assert not peer.received["/car2/owled/answers"] and not peer.received["/owled/action"]  # nothing outside
+        client = peer.node.create_client(Ask, "/car2/owled/ask")
+        assert client.wait_for_service(timeout_sec=10)
+    finally:
+        assert [stop_node(node) for node in nodes] == [0, 0]
+
+
 @pytest.mark.parametrize("extra, words", [({"camera_names": "[CAM_FRONT,CAM_ROOF,CAM_FRONT_LEFT]"}, ["CAM_ROOF", "camera_names"]),
                                           ({"dtype": "float16"}, ["dtype", "float16", "bfloat16"]),
                                           ({"draft_tokens": -2}, ["draft_tokens", "-2"]),

@@ -72,5 +72,5 @@ def test_the_config_files_mirror_every_declared_parameter_and_its_default():
     cameras = declared_parameters(drive_node, "declare_camera_parameters")
     for node, config, declared in (("owled_drive", "drive.yaml", declared_parameters(drive_node)),
                                    ("owled_recorder", "recorder.yaml", declared_parameters(recorder_node) | cameras)):
-        mirrored = yaml.safe_load((ROOT / "config" / config).read_text())[node]["ros__parameters"]
+        mirrored = yaml.safe_load((ROOT / "config" / config).read_text())[f"/**/{node}"]["ros__parameters"]
         assert mirrored == declared, config

@@ -194,12 +194,12 @@ class DriveNode(Node):
         self.latest = None  # newest processed frame set, for questions
         self.slot = LatestSlot()
 
-        self.perception_pub = self.create_publisher(PerceptionDescription, "/owled/perception", 10)
-        self.action_pub = self.create_publisher(PredictedAction, "/owled/action", 10)
-        self.answer_pub = self.create_publisher(QAAnswer, "/owled/answers", 10)
+        self.perception_pub = self.create_publisher(PerceptionDescription, "owled/perception", 10)
+        self.action_pub = self.create_publisher(PredictedAction, "owled/action", 10)
+        self.answer_pub = self.create_publisher(QAAnswer, "owled/answers", 10)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_subscription(Question, "/owled/questions", self.on_question, 10)
-        self.create_service(Ask, "/owled/ask", self.on_ask, callback_group=ReentrantCallbackGroup())
+        self.create_subscription(Question, "owled/questions", self.on_question, 10)
+        self.create_service(Ask, "owled/ask", self.on_ask, callback_group=ReentrantCallbackGroup())
         self.cameras = CameraInput(self, self.slot.put)
         unknown = [name for _, name, _ in self.cameras.cameras if name not in (self.model.cameras or [name])]
         if unknown:

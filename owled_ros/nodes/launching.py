@@ -1,15 +1,15 @@
 """What drive.launch.py and record.launch.py share: the input (live cameras or a bag replayed into them),
-ROS discovery scope, the Fast DDS profile (config/fastdds.xml), and a node with its YAML parameters from the
-package's share directory."""
+ROS discovery scope, the Fast DDS profile (config/fastdds.xml), and a node in a namespace with its parameter
+file and overrides."""
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, ExecuteProcess, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PythonExpression
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import ExecutableInPackage
+import yaml
 
 
 def input_actions():
@@ -37,11 +37,29 @@ def share_file(*parts):
     return os.path.join(get_package_share_directory("owled_ros"), *parts)
 
 
-def node(executable, name, config, **parameters):
-    """A node of this package with config/<config> as its parameters, overridden by string launch arguments
-    (kept strings: a directory named 2024 stays a path)."""
-    path = share_file("config", config)
-    overrides = {key: ParameterValue(LaunchConfiguration(key), value_type=str) for key in parameters}
-    return [*(DeclareLaunchArgument(key, **spec) for key, spec in parameters.items()),
-            Node(package="owled_ros", executable=executable, name=name, output="screen",
-                 parameters=[path, overrides])]
+def node(executable, name, config, **arguments):
+    """A node of this package in the namespace given (launch argument `namespace`), with its parameters from
+    `params_file` (default: config/<config>, a ROS parameter file), `use_sim_time`, and overrides: each
+    keyword names a node parameter, its launch argument of the same name and that argument's description;
+    an argument left empty keeps the parameter file's value. Values keep the parameter's type: a string stays
+    a string (a directory named 2024 stays a path), a list argument reads as YAML ([a, b])."""
+    declared = [DeclareLaunchArgument("namespace", default_value="", description="namespace of the node and its topics"),
+                DeclareLaunchArgument("params_file", default_value=share_file("config", config),
+                                      description="ROS parameter file of the node"),
+                DeclareLaunchArgument("use_sim_time", default_value="false", choices=["true", "false"],
+                                      description="stamps and latencies on /clock (a replayed bag publishes it)")]
+    declared += [DeclareLaunchArgument(key, default_value="", description=description)
+                 for key, (_, description) in arguments.items()]
+
+    def make(context):
+        given = {key: LaunchConfiguration(key).perform(context) for key in arguments}
+        overrides = {key: typed(arguments[key][0], value) for key, value in given.items() if value}
+        sim_time = LaunchConfiguration("use_sim_time").perform(context) == "true"
+        return [Node(package="owled_ros", executable=executable, name=name, output="screen",
+                     namespace=LaunchConfiguration("namespace"),
+                     parameters=[LaunchConfiguration("params_file"), overrides, {"use_sim_time": sim_time}])]
+    return [*declared, OpaqueFunction(function=make)]
+
+
+def typed(kind, text):
+    return yaml.safe_load(text) if kind is list else kind(text)
