@@ -98,6 +98,16 @@ def test_frames_in_messages_out_with_stamps_and_questions(model_dir, peer, tmp_p
         peer.spin(30, until=lambda: any(p.cameras_missing for p in peer.received["/owled/perception"]))
         partial = [p for p in peer.received["/owled/perception"] if p.cameras_missing]
         assert partial and partial[0].cameras_missing == ["CAM_BACK", "CAM_FRONT_LEFT"]
+        # those two cameras stay silent: reported once, and the front views go on as sets of their own (that
+        # they go out without waiting view_timeout_s each: test_hostile.py, with a clock of its own)
+        for k in (3, 4, 5):
+            peer.pubs[0].publish(image_msg(frame(k), stamp_ns + k * 10**9))
+            assert peer.spin(30, until=lambda k=k: any(p.header.stamp.sec == stamp_ns // 10**9 + k
+                                                       for p in peer.received["/owled/perception"]))
+        peer.spin(3.0, until=lambda: latest_stats(peer).get("missing_cameras") == "CAM_BACK,CAM_FRONT_LEFT")
+        assert latest_stats(peer)["missing_cameras"] == "CAM_BACK,CAM_FRONT_LEFT"
+        log = (tmp_path / "node.log").read_text()
+        assert log.count("camera CAM_BACK sent nothing") == 1, log
     finally:
         assert stop_node(node) == 0, (tmp_path / "node.log").read_text()
 

@@ -306,6 +306,24 @@ def test_views_arriving_out_of_step_across_cameras_all_reach_their_sets():
     assert sets == [{"CAM_FRONT": f"f{k}", "CAM_BACK": f"b{k}"} for k in range(3)] and sync.dropped_views == 0
 
 
+def test_a_camera_that_stops_is_missing_once_and_used_again_when_it_comes_back():
+    from owled_ros.data.frames import FrameSync
+
+    now, ms = [0.0], 10**6
+    sync = FrameSync(["CAM_FRONT", "CAM_BACK", "CAM_LEFT"], timeout_s=1.0, clock=lambda: now[0])
+    add_set = lambda stamp, cameras: [sync.add(c, stamp * ms, f"{c}-{stamp}") for c in cameras][-1]
+    assert add_set(0, ["CAM_FRONT", "CAM_BACK", "CAM_LEFT"]).missing == []
+    assert add_set(100, ["CAM_FRONT", "CAM_BACK"]) is None  # the left camera stopped: this set waits once
+    now[0] = 1.0
+    first = sync.poll()
+    assert first.missing == ["CAM_LEFT"] and set(first.images) == {"CAM_FRONT", "CAM_BACK"} and sync.absent == {"CAM_LEFT"}
+    later = add_set(200, ["CAM_FRONT", "CAM_BACK"])  # no waiting from now on
+    assert later is not None and later.missing == ["CAM_LEFT"] and later.stamp_ns == 200 * ms
+    assert sync.add("CAM_LEFT", 300 * ms, "back") is None and not sync.absent  # it came back: sets wait for it again
+    assert add_set(300, ["CAM_FRONT", "CAM_BACK"]).images == {"CAM_FRONT": "CAM_FRONT-300", "CAM_BACK": "CAM_BACK-300",
+                                                              "CAM_LEFT": "back"}
+
+
 def test_ten_hz_cameras_give_every_frame_set_with_the_default_slop():
     """Six views a set, sets 0.1 s apart, each view up to 15 ms off its set's time, arriving in stamp order:
     every set comes out complete, with its own views (a 0.1 s slop took the next set's views as late)."""

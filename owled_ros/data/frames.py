@@ -24,8 +24,9 @@ class FrameSync:
     """Groups views of several cameras into frame sets by approximate time, as message_filters'
     ApproximateTime does: each camera has a short queue, and a set goes out when every camera's oldest queued
     view lies within `slop_s` of the others, so a camera whose next view arrives before another camera's
-    current one loses nothing. After `timeout_s` (wall time) without a complete set, the newest views at hand
-    go out as a partial set with the rest reported missing.
+    current one loses nothing. After `timeout_s` (wall time) without a complete set, the cameras with no view
+    waiting are taken as absent (`absent`): sets go out without them at once from then on, reporting them
+    missing, until they send again. Should the others still not make a set, the newest views at hand go out.
     Views that never make it into a set are counted by why in `dropped`: replaced (pushed out of a full queue),
     stale (no view of some other camera lies within the slop), late (their set already went out)."""
 
@@ -33,7 +34,7 @@ class FrameSync:
         self.cameras, self.slop_ns, self.timeout_s, self.clock = list(cameras), int(slop_s * 1e9), timeout_s, clock
         self.queues = {camera: collections.deque() for camera in self.cameras}
         self.queue_size, self.pending_since, self.last_stamp = queue_size, None, None
-        self.dropped = collections.Counter()
+        self.absent, self.dropped = set(), collections.Counter()
         self.lock = threading.Lock()
 
     def add(self, camera, stamp_ns, image, frame_id=""):
@@ -47,6 +48,7 @@ class FrameSync:
                 queue.popleft()
                 self.dropped["replaced"] += 1
             bisect.insort(queue, (stamp_ns, image, frame_id), key=lambda view: view[0])
+            self.absent.discard(camera)
             self.pending_since = self.pending_since or self.clock()
             return self._complete()
 
@@ -55,10 +57,17 @@ class FrameSync:
         return sum(self.dropped.values())
 
     def poll(self):
-        """A partial FrameSet once the timeout has passed, else None."""
+        """Once the timeout has passed: a set without the absent cameras, else the newest partial one; or None."""
         with self.lock:
             if self.pending_since is None or self.clock() - self.pending_since < self.timeout_s:
                 return None
+            self.absent |= {camera for camera, queue in self.queues.items() if not queue}
+            sets = []
+            while (complete := self._complete()) is not None:
+                sets.append(complete)
+            self.dropped["stale"] += sum(len(older.images) for older in sets[:-1])  # the newest set supersedes them
+            if sets or not any(self.queues.values()):
+                return sets[-1] if sets else None
             newest = max(queue[-1][0] for queue in self.queues.values() if queue)
             views = {}
             for camera, queue in self.queues.items():
@@ -70,12 +79,14 @@ class FrameSync:
         return self.last_stamp is not None and stamp_ns - self.last_stamp <= self.slop_ns
 
     def _complete(self):
-        """The oldest complete set of queue heads; heads that can no longer complete a set are dropped."""
-        while all(self.queues.values()):
-            heads = {camera: queue[0] for camera, queue in self.queues.items()}
+        """The oldest complete set of queue heads of the cameras not absent; heads that can no longer complete
+        a set are dropped."""
+        present = {camera: queue for camera, queue in self.queues.items() if camera not in self.absent}
+        while present and all(present.values()):
+            heads = {camera: queue[0] for camera, queue in present.items()}
             oldest = min(heads, key=lambda camera: heads[camera][0])
             if max(s for s, _, _ in heads.values()) - heads[oldest][0] <= self.slop_ns:
-                for queue in self.queues.values():
+                for queue in present.values():
                     queue.popleft()
                 return self._emit(heads)
             self.queues[oldest].popleft()  # every other camera has moved past it

@@ -78,7 +78,7 @@ class CameraInput:
         self.cameras = declare_camera_parameters(node)
         self.sync = FrameSync([name for _, name, _ in self.cameras], node.get_parameter("sync_slop_s").value,
                               node.get_parameter("view_timeout_s").value)
-        self.bad_images = collections.Counter()
+        self.bad_images, self.reported_absent = collections.Counter(), set()
         self.arrivals = {}  # camera -> (seconds from its stamp to its callback, seconds converting it)
         self.max_pixels = node.get_parameter("max_image_pixels").value
         qos = camera_qos(node)
@@ -110,12 +110,24 @@ class CameraInput:
             self.hand_on(frame_set)
 
     def hand_on(self, frame_set):
-        if frame_set.missing:
+        self.report_absence()
+        if set(frame_set.missing) - self.reported_absent:
             self.node.get_logger().warning(f"partial frame set, missing {frame_set.missing}", throttle_duration_sec=5.0)
         views = [self.arrivals[camera] for camera in frame_set.images]
         frame_set.timing = {"transport_s": max(age for age, _ in views), "convert_s": sum(s for _, s in views),
                             "ready": time.monotonic()}
         self.on_frame_set(frame_set)
+
+
+    def report_absence(self):
+        """Once per change: a camera that stopped (the sets go on without it), or one that came back."""
+        absent = set(self.sync.absent)
+        for camera in sorted(absent - self.reported_absent):
+            self.node.get_logger().warning(f"camera {camera} sent nothing for {self.sync.timeout_s:g} s: "
+                                           "running on the other views until it is back")
+        for camera in sorted(self.reported_absent - absent):
+            self.node.get_logger().info(f"camera {camera} is back")
+        self.reported_absent = absent
 
 
 def stamp_msg(stamp_ns):
@@ -335,6 +347,7 @@ class DriveNode(Node):
         latencies = np.array(self.latencies) if self.latencies else np.array([math.nan])
         return {"processed_frame_sets": self.processed, "dropped_frame_sets": self.slot.dropped,
                 "dropped_views": self.cameras.sync.dropped_views,
+                "missing_cameras": ",".join(sorted(self.cameras.reported_absent)),
                 **{f"dropped_views.{k}": v for k, v in sorted(self.cameras.sync.dropped.items())},
                 "dropped_questions": self.counts["dropped_questions"], "refused_questions": self.counts["refused_questions"],
                 "worker_errors": self.counts["worker_errors"], "last_error": self.last_error,
