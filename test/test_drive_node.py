@@ -249,6 +249,21 @@ def test_unknown_cameras_or_a_bad_parameter_stop_the_node_at_start_up(model_dir,
     assert len(errors) == 1 and all(word in errors[0] for word in words), errors
 
 
+def test_diagnostics_are_stale_without_frames_and_warn_over_the_latency_budget(model_dir, peer, tmp_path):
+    node = start_node("owled_ros.nodes.drive_node", params(model_dir, stale_after_s=1.0, latency_budget_s=1e-6),
+                      tmp_path / "node.log")
+    statuses = lambda: [s for a in peer.received["/diagnostics"] for s in a.status if s.name == "owled_drive"]
+    try:
+        assert peer.wait_for_subscribers(peer.pubs[0]), (tmp_path / "node.log").read_text()
+        assert peer.spin(30, until=lambda: any(s.level == DiagnosticStatus.STALE for s in statuses()))
+        assert "no frame set for" in [s for s in statuses() if s.level == DiagnosticStatus.STALE][-1].message
+        publish_set(peer, 7 * 10**9)
+        assert peer.spin(30, until=lambda: statuses() and statuses()[-1].level == DiagnosticStatus.WARN)
+        assert "over the 1e-06 s budget" in statuses()[-1].message
+    finally:
+        assert stop_node(node) == 0, (tmp_path / "node.log").read_text()
+
+
 def test_a_failing_worker_reports_the_error_and_keeps_serving(model_dir, peer, tmp_path):
     # a model on the meta device has no data: every inference raises, as any runtime failure would
     node = start_node("owled_ros.nodes.drive_node", params(model_dir, device="meta"), tmp_path / "node.log")

@@ -78,7 +78,7 @@ class CameraInput:
         self.cameras = declare_camera_parameters(node)
         self.sync = FrameSync([name for _, name, _ in self.cameras], node.get_parameter("sync_slop_s").value,
                               node.get_parameter("view_timeout_s").value)
-        self.bad_images, self.reported_absent = collections.Counter(), set()
+        self.bad_images, self.reported_absent, self.last_set = collections.Counter(), set(), None
         self.arrivals = {}  # camera -> (seconds from its stamp to its callback, seconds converting it)
         self.max_pixels = node.get_parameter("max_image_pixels").value
         qos = camera_qos(node)
@@ -110,6 +110,7 @@ class CameraInput:
             self.hand_on(frame_set)
 
     def hand_on(self, frame_set):
+        self.last_set = time.monotonic()
         self.report_absence()
         if set(frame_set.missing) - self.reported_absent:
             self.node.get_logger().warning(f"partial frame set, missing {frame_set.missing}", throttle_duration_sec=5.0)
@@ -156,6 +157,8 @@ class DriveNode(Node):
         self.declare_parameter("perception_question", "What are the important objects in the current scene?")
         self.declare_parameter("action_question", "What should the ego vehicle do?")
         self.declare_parameter("latency_window", 50)
+        self.declare_parameter("latency_budget_s", 1.0)  # /diagnostics WARN when the model's p50 is above it
+        self.declare_parameter("stale_after_s", 3.0)  # /diagnostics STALE when no frame set came for this long
         self.declare_parameter("question_queue", 16)
         self.declare_parameter("max_question_chars", 1000)  # longer questions are refused and counted
         param = lambda name: self.get_parameter(name).value
@@ -203,6 +206,8 @@ class DriveNode(Node):
         self.processed = 0
         self.counts = collections.Counter()  # dropped/refused questions, worker errors
         self.failing, self.last_error = False, ""
+        self.latency_budget_s, self.stale_after_s = param("latency_budget_s"), param("stale_after_s")
+        self.started, self.unparsed_reported = time.monotonic(), 0
         self.latest = None  # newest processed frame set, for questions
         self.slot = LatestSlot()
 
@@ -360,12 +365,28 @@ class DriveNode(Node):
                 "sparse_kernel_linears": len(self.sparse_linears),
                 "sparsity": round(self.model_info.sparsity, 4)}
 
+    def health(self, stats):
+        """(level, message), as diagnostic_updater's conventions have it: ERROR while the worker fails, STALE
+        when no frame set came for stale_after_s, WARN for a model p50 over its latency budget, missing cameras
+        or answers not parsed since the last status; OK otherwise."""
+        if self.failing:
+            return DiagnosticStatus.ERROR, self.last_error
+        since = time.monotonic() - (self.cameras.last_set or self.started)
+        if since > self.stale_after_s:
+            return DiagnosticStatus.STALE, f"no frame set for {since:.1f} s"
+        unparsed, self.unparsed_reported = self.counts["unparsed_answers"] - self.unparsed_reported, self.counts["unparsed_answers"]
+        warnings = [f"model p50 {stats['latency_p50_s']:.2f} s over the {self.latency_budget_s:g} s budget"
+                    if stats["latency_p50_s"] > self.latency_budget_s else "",
+                    f"cameras missing: {stats['missing_cameras']}" if stats["missing_cameras"] else "",
+                    f"{unparsed} answers not parsed" if unparsed else ""]
+        if any(warnings):
+            return DiagnosticStatus.WARN, "; ".join(w for w in warnings if w)
+        return DiagnosticStatus.OK, f"{stats['processed_frame_sets']} processed, {stats['dropped_frame_sets']} dropped"
+
     def publish_diagnostics(self):
         stats = self.stats()
-        status = DiagnosticStatus(level=DiagnosticStatus.ERROR if self.failing else DiagnosticStatus.OK, name="owled_drive",
-                                  hardware_id=self.model_info.model_id,
-                                  message=self.last_error if self.failing else
-                                  f"{stats['processed_frame_sets']} processed, {stats['dropped_frame_sets']} dropped",
+        level, message = self.health(stats)
+        status = DiagnosticStatus(level=level, name="owled_drive", hardware_id=self.model_info.model_id, message=message,
                                   values=[KeyValue(key=k, value=str(v)) for k, v in stats.items()])
         self.diagnostics_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
         self.get_logger().info(" ".join(f"{k}={v}" for k, v in stats.items() if "." not in k), throttle_duration_sec=10.0)
