@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray
+from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 
 from models import tiny_decoder
@@ -47,16 +48,19 @@ def test_replay_waits_for_every_topic_then_delivers_every_message_in_order(tmp_p
     try:
         for topic in early:
             peer.collect(Image, topic, RELIABLE)
+        peer.collect(Clock, "/clock", RELIABLE)
         player = subprocess.Popen([sys.executable, "-m", "owled_ros.cli", "replay", str(bag), "--rate", "2",
                                    "--wait-subscribers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         peer.spin(5)  # one camera not yet subscribed: nothing may be published (it would make partial frame sets)
         assert not any(peer.received.values())
         peer.collect(Image, late, RELIABLE)
-        peer.spin(60, until=lambda: all(len(v) == frames for v in peer.received.values()))
+        peer.spin(60, until=lambda: all(len(v) == frames for t, v in peer.received.items() if t != "/clock"))
         output, _ = player.communicate(timeout=30)
         assert player.returncode == 0, output
     finally:
         peer.close()
+    clock = [m.clock.sec * 10**9 + m.clock.nanosec for m in peer.received.pop("/clock")]
+    assert sorted(set(clock)) == [1_700_000_000 * 10**9 + i * 100_000_000 for i in range(frames)]  # the bag's time
     for topic, messages in peer.received.items():
         stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in messages]
         assert stamps == [1_700_000_000 * 10**9 + i * 100_000_000 for i in range(frames)], topic

@@ -266,6 +266,29 @@ def test_diagnostics_are_stale_without_frames_and_warn_over_the_latency_budget(m
         assert stop_node(node) == 0, (tmp_path / "node.log").read_text()
 
 
+def test_with_sim_time_stamps_and_latencies_follow_clock(model_dir, peer, tmp_path):
+    from builtin_interfaces.msg import Time
+    from rosgraph_msgs.msg import Clock
+
+    clock = peer.node.create_publisher(Clock, "/clock", 10)
+    node = start_node("owled_ros.nodes.drive_node", params(model_dir, use_sim_time="true"), tmp_path / "node.log")
+    try:
+        assert peer.wait_for_subscribers(clock), (tmp_path / "node.log").read_text()
+        for _ in range(100):  # the simulation stands still at 1000 s: latencies on its clock are 0
+            clock.publish(Clock(clock=Time(sec=1000)))
+            publish_set(peer, 999_500_000_000)
+            if peer.spin(0.3, until=lambda: peer.received["/owled/action"] and latest_stats(peer).get("processed_frame_sets") != "0"):
+                break
+        action = peer.received["/owled/action"][0]
+        assert action.latency_s == 0.0 and action.header.stamp.sec == 999
+        stats = latest_stats(peer)
+        assert float(stats["p50_s.transport_s"]) == pytest.approx(0.5)  # camera stamp 999.5 s -> /clock 1000 s
+        stamps = [a.header.stamp.sec for a in peer.received["/diagnostics"] if any(s.name == "owled_drive" for s in a.status)]
+        assert stamps[-1] == 1000
+    finally:
+        assert stop_node(node) == 0, (tmp_path / "node.log").read_text()
+
+
 def test_a_failing_worker_reports_the_error_and_keeps_serving(model_dir, peer, tmp_path):
     # a model on the meta device has no data: every inference raises, as any runtime failure would
     node = start_node("owled_ros.nodes.drive_node", params(model_dir, device="meta"), tmp_path / "node.log")

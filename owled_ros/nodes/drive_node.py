@@ -89,7 +89,7 @@ class CameraInput:
         node.create_timer(0.05, self.on_timer)
 
     def on_image(self, msg, camera, compressed):
-        received, started = time.time(), time.perf_counter()
+        received, started = self.node.get_clock().now().nanoseconds / 1e9, time.perf_counter()  # sim time if used
         try:
             rgb = to_rgb(msg, compressed, self.max_pixels)
         except ImageError as error:
@@ -98,7 +98,7 @@ class CameraInput:
                                            throttle_duration_sec=2.0)
             return
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-        # camera stamp -> callback: transport time where the cameras stamp with this host's clock
+        # camera stamp -> callback: transport time where the cameras stamp with this node's clock (or /clock)
         self.arrivals[camera] = (received - stamp / 1e9, time.perf_counter() - started)
         frame_set = self.sync.add(camera, stamp, rgb, msg.header.frame_id)
         if frame_set is not None:
@@ -233,7 +233,7 @@ class DriveNode(Node):
     def infer(self, frame_set, questions, timing=None):
         """The questions about one frame set: its images are encoded once, the shared prompt head run once."""
         with self.model_lock:
-            start = time.perf_counter()
+            start = self.get_clock().now()  # latencies on the node's clock: /clock with use_sim_time
             answers = self.model.answer([frame_set.images] * len(questions), questions, self.max_new_tokens, timing,
                                         self.history, self.draft_tokens)
             for question, answer in zip(questions, answers):
@@ -242,7 +242,7 @@ class DriveNode(Node):
                 self.history[question] = earlier
                 if len(self.history) > HISTORY_QUESTIONS:
                     del self.history[next(iter(self.history))]
-            return answers, time.perf_counter() - start
+            return answers, (self.get_clock().now() - start).nanoseconds / 1e9
 
     def work(self):
         """Frame sets and queued questions take turns: one question at most between two frame sets, so a

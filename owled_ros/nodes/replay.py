@@ -1,4 +1,5 @@
-"""`owled replay BAG`: publish a rosbag2's camera topics live with the original timing (rate factor, loop)."""
+"""`owled replay BAG`: publish a rosbag2's camera topics live with the original timing (rate factor, loop), and
+the bag's time on /clock (as `ros2 bag play --clock`), so that nodes with use_sim_time run on it."""
 import signal
 import threading
 import time
@@ -7,6 +8,7 @@ import rclpy
 from builtin_interfaces.msg import Time
 from rclpy.signals import SignalHandlerOptions
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
@@ -44,6 +46,7 @@ def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_time
         # every topic is matched before the first message: a camera discovered late would make partial frame sets
         publishers = {t: node.create_publisher(CompressedImage if types[t] == COMPRESSED else Image, t, qos)
                       for t in topics}
+        clock = node.create_publisher(Clock, "/clock", qos)
         end = time.monotonic() + wait_timeout
         while (min(p.get_subscription_count() for p in publishers.values()) < wait_subscribers
                and time.monotonic() < end and not stop.is_set()):
@@ -57,6 +60,7 @@ def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_time
                     first_ns, started = timestamp, time.monotonic()
                 if stop.wait(max(0.0, (timestamp - first_ns) / 1e9 / rate - (time.monotonic() - started))):
                     break
+                clock.publish(Clock(clock=Time(sec=timestamp // 10**9, nanosec=timestamp % 10**9)))
                 publishers[topic].publish(to_ros(msgtype, message))
                 published += 1
             if not loop:
