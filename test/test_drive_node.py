@@ -66,6 +66,7 @@ def test_frames_in_messages_out_with_stamps_and_questions(model_dir, peer, tmp_p
             assert message.model.model_id == "tiny-decoder" and message.model.method == "dense"
             assert message.latency_s > 0
         assert perception.description and action.rationale and action.action_label
+        assert 0 < action.confidence <= 1  # the action answer's mean token probability
         assert sorted(perception.cameras_used) == sorted(NAMES) and not perception.cameras_missing
         assert perception.header.frame_id == "front"
         peer.spin(5, until=lambda: "p50_s.decode_s" in latest_stats(peer))

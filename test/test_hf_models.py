@@ -236,6 +236,7 @@ def test_the_drive_node_serves_a_pruned_checkpoint(work, family, tmp_path):
         assert sorted(perception.cameras_used) == ["CAM_BACK", "CAM_FRONT"]
         assert perception.model.method == "owled-sparsegpt" and 0.49 < perception.model.sparsity < 0.51
         assert action.action_label  # "unknown" where the random model's text names no action: counted, no crash
+        assert 0 < action.confidence <= 1
         asker = peer.node.create_publisher(Question, "/owled/questions", 10)
         peer.wait_for_subscribers(asker)
         asker.publish(Question(question_id="q1", category="planning", question="Is the light red?"))

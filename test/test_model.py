@@ -65,6 +65,22 @@ def test_default_layout_adds_one_image_token_per_scene_tag(frames):
     assert weights.sum().item() == pytest.approx(1.0, abs=1e-3) and (weights > -1e-3).all()
 
 
+def test_answer_confidence_is_the_same_with_or_without_guesses_and_from_generate(frames, tmp_path):
+    model = tiny_decoder(seed=1)
+    plain, guessed = [], []
+    answers = model.answer([frames] * 2, QUESTIONS, 12, draft_tokens=0, confidences=plain)
+    history = {q: [a] for q, a in zip(QUESTIONS, answers)}
+    assert model.answer([frames] * 2, QUESTIONS, 12, history=history, confidences=guessed) == answers
+    assert guessed == pytest.approx(plain, rel=1e-4) and all(0 < c <= 1 for c in plain)
+    # one token only: its probability, the greedy (highest) one of the first step
+    first = []
+    model.answer([frames], QUESTIONS[:1], 1, draft_tokens=0, confidences=first)
+    assert 1 / len(model.tokenizer) < first[0] <= 1
+    t5, from_generate = tiny_t5(tmp_path), []
+    assert len(t5.answer([frames] * 2, QUESTIONS, 6, confidences=from_generate)) == 2
+    assert len(from_generate) == 2 and all(0 < c <= 1 for c in from_generate)
+
+
 def test_lookup_draft_copies_what_followed_the_newest_match_of_the_longest_tail():
     older, newer = [START, 1, 2, 3, 4, 5], [START, 1, 9, 3, 4, 6, 7]
     assert lookup_draft([START, 1], [older, newer], 3) == [9, 3, 4]  # the newest answer's start

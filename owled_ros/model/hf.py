@@ -27,6 +27,7 @@ from accelerate.utils import offload_weight
 
 from . import ModelLoadError
 from .checkpoint import load_weights, return_freed_memory, save_weights, unique_state_dict
+from .vlm import greedy_generate
 
 SPARSE_WEIGHTS = "owled-sparse.safetensors"  # our bitmask layout (checkpoint.py), an option beside plain safetensors
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json")
@@ -137,17 +138,19 @@ class HFModel(nn.Module):
         return self.hf(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], labels=labels, use_cache=False).loss
 
     @torch.inference_mode()
-    def answer(self, frames, questions, max_new_tokens=48, timing=None, history=None, draft_tokens=8):
-        """Greedy answers, one per (frame set, question), batched. history and draft_tokens (our prompt-lookup
-        decoding) do not apply: transformers' generate decodes one token a pass here."""
+    def answer(self, frames, questions, max_new_tokens=48, timing=None, history=None, draft_tokens=8, confidences=None):
+        """Greedy answers, one per (frame set, question), batched; confidences as DrivingVLM.answer. history and
+        draft_tokens (our prompt-lookup decoding) do not apply: transformers' generate decodes one token a pass."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         start = time.perf_counter()
         batch = self.inputs(frames, [self.chat(f, q) for f, q in zip(frames, questions)])
         encoded = time.perf_counter()
-        output = self.hf.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, top_p=None, top_k=None,
-                                  temperature=None, pad_token_id=self.tokenizer.pad_token_id)
-        new = output[:, batch["input_ids"].shape[1]:]
+        eos = self.hf.generation_config.eos_token_id
+        eos = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None] or [self.tokenizer.eos_token_id]
+        new, confidence = greedy_generate(self.hf, batch, max_new_tokens, eos, self.tokenizer.pad_token_id)
+        if confidences is not None:
+            confidences.extend(confidence)
         if timing is not None:
             timing["encode_s"] = timing.get("encode_s", 0.0) + encoded - start
             timing["decode_s"] = timing.get("decode_s", 0.0) + time.perf_counter() - encoded

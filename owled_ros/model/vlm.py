@@ -6,6 +6,7 @@ and the tokenizer files; DrivingVLM.from_pretrained / save_pretrained read and w
 import copy
 import functools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -187,7 +188,7 @@ class DrivingVLM(nn.Module):
 
     # ----- inference -----
     @torch.inference_mode()
-    def answer(self, frames, questions, max_new_tokens=48, timing=None, history=None, draft_tokens=8):
+    def answer(self, frames, questions, max_new_tokens=48, timing=None, history=None, draft_tokens=8, confidences=None):
         """Greedy answers, one per (frame set, question). frames: list of {camera: RGB array}; a frame set
         given for several questions (the same dict) is encoded once, and for the decoder the prompt head it
         shares with them (chat header + image tokens) runs once, its KV cache copied to each question.
@@ -196,7 +197,9 @@ class DrivingVLM(nn.Module):
         the guess in the same forward pass (prompt-lookup speculative decoding): the answers are those of
         plain greedy decoding, in fewer passes where they repeat earlier ones.
         timing: a dict that receives seconds per stage (encode_s, prefill_s, decode_s), decode_steps (forward
-        passes after the prefill) and decode_tokens (the longest answer's tokens, its end included)."""
+        passes after the prefill) and decode_tokens (the longest answer's tokens, its end included).
+        confidences: a list that receives each answer's confidence, the geometric mean of its tokens'
+        probabilities (its end included)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         clock = Stopwatch(timing)
@@ -209,9 +212,10 @@ class DrivingVLM(nn.Module):
         if self.is_t5:
             inputs = self._pad([self._prompt(images[f], q) for f, q in zip(frame_of.tolist(), questions)], left=False)
             pad = self.tokenizer.pad_token_id
-            output = self.lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                      eos_token_id=sorted(stop))
+            output, confidence = greedy_generate(self.lm, inputs, max_new_tokens, sorted(stop), pad)
             clock.lap("decode_s")
+            if confidences is not None:
+                confidences.extend(confidence)
             return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in output]
         run = self.compiled.get("decoder") or functools.partial(decoder_step, self.lm)
         shared = torch.stack([self._prompt_parts(image, "")[0] for image in images])
@@ -225,8 +229,9 @@ class DrivingVLM(nn.Module):
         clock.lap("prefill_s")
         earlier = [[[START] + self._encode(a) + end for a in (history or {}).get(q, [])] for q in questions]
         decoded = [Decoded(stop, max_new_tokens) for _ in questions]
-        for row, token in zip(decoded, logits[:, -1].argmax(-1).tolist()):
-            row.take([token])
+        best_logprob, best = logits[:, -1].float().log_softmax(-1).max(-1)
+        for row, token, logprob in zip(decoded, best.tolist(), best_logprob.tolist()):
+            row.take([token], [logprob])
         position, steps = mask.sum(1), 0
         while not all(row.done for row in decoded):
             drafts = [[] if row.done else lookup_draft([START] + row.tokens, sources,
@@ -241,17 +246,19 @@ class DrivingVLM(nn.Module):
                                        position[:, None] + torch.arange(width), torch.arange(width).expand(len(ids), -1),
                                        keys, values)
             steps += 1
-            predicted = logits.argmax(-1).tolist()
+            best_logprobs, predicted = (t.tolist() for t in logits.float().log_softmax(-1).max(-1))
             kept = []  # cache entries that stay visible: the fed token and the accepted guesses
-            for row, draft, best in zip(decoded, drafts, predicted):
+            for row, draft, best, logprobs in zip(decoded, drafts, predicted, best_logprobs):
                 accepted = next((j for j, (guess, p) in enumerate(zip(draft, best)) if guess != p), len(draft))
                 kept.append(0 if row.done else 1 + accepted)
-                if not row.done:
-                    row.take(draft[:accepted] + [best[accepted]])
+                if not row.done:  # greedy: every token taken is its position's most likely one
+                    row.take(draft[:accepted] + [best[accepted]], logprobs[:accepted + 1])
             kept = torch.tensor(kept)
             mask = torch.cat([mask, (torch.arange(width)[None, :] < kept[:, None]).to(mask.dtype)], 1)
             position = position + kept
         clock.lap("decode_s", decode_steps=steps, decode_tokens=max(row.length for row in decoded))
+        if confidences is not None:
+            confidences.extend(row.confidence for row in decoded)
         return [self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip() for row in decoded]
 
     @torch.inference_mode()
@@ -452,11 +459,16 @@ class Decoded:
     def __init__(self, stop, max_tokens):
         self.stop, self.max_tokens, self.tokens, self.length, self.done = stop, max_tokens, [], 0, False
         self.last = None  # the latest token taken, the next pass's input
+        self.logprob = 0.0  # of the tokens taken
 
-    def take(self, tokens):
-        for token in tokens:
+    @property
+    def confidence(self):
+        return math.exp(self.logprob / max(1, self.length))
+
+    def take(self, tokens, logprobs):
+        for token, logprob in zip(tokens, logprobs):
             self.length += 1
-            self.last = token
+            self.last, self.logprob = token, self.logprob + logprob
             if token in self.stop:
                 self.done = True
                 return
@@ -464,6 +476,20 @@ class Decoded:
             if len(self.tokens) == self.max_tokens:
                 self.done = True
                 return
+
+
+def greedy_generate(lm, inputs, max_new_tokens, eos, pad):
+    """transformers' greedy generate: (the new tokens of each row, each row's confidence: the geometric mean
+    of its tokens' probabilities up to and with its end)."""
+    output = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, top_p=None, top_k=None,
+                         temperature=None, pad_token_id=pad, eos_token_id=eos, output_scores=True,
+                         return_dict_in_generate=True)
+    new = output.sequences[:, -len(output.scores):]
+    logprobs = lm.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+    ended = torch.isin(new, torch.tensor(eos)).int().cumsum(1)
+    taken = (ended == 0) | ((ended == 1) & torch.isin(new, torch.tensor(eos)))  # up to the first end, with it
+    confidence = ((logprobs * taken).sum(1) / taken.sum(1).clamp_min(1)).exp()
+    return new, confidence.tolist()
 
 
 def lookup_draft(context, sources, length):

@@ -230,12 +230,13 @@ class DriveNode(Node):
                                f"{self.model_info.sparsity:.3f}) on cameras {[c for _, c, _ in self.cameras.cameras]}")
 
     # ----- inference (worker thread) -----
-    def infer(self, frame_set, questions, timing=None):
-        """The questions about one frame set: its images are encoded once, the shared prompt head run once."""
+    def infer(self, frame_set, questions, timing=None, confidences=None):
+        """The questions about one frame set: its images are encoded once, the shared prompt head run once.
+        confidences: a list that receives each answer's (DrivingVLM.answer)."""
         with self.model_lock:
             start = self.get_clock().now()  # latencies on the node's clock: /clock with use_sim_time
             answers = self.model.answer([frame_set.images] * len(questions), questions, self.max_new_tokens, timing,
-                                        self.history, self.draft_tokens)
+                                        self.history, self.draft_tokens, confidences)
             for question, answer in zip(questions, answers):
                 earlier = self.history.pop(question, None) or collections.deque(maxlen=self.draft_history)
                 earlier.append(answer)
@@ -273,12 +274,14 @@ class DriveNode(Node):
     def process(self, frame_set):
         timing = {k: v for k, v in frame_set.timing.items() if k != "ready"}
         timing["queue_s"] = time.monotonic() - frame_set.timing.get("ready", time.monotonic())
-        (description, action_text), latency = self.infer(frame_set, [self.perception_question, self.action_question], timing)
+        confidences = []
+        (description, action_text), latency = self.infer(frame_set, [self.perception_question, self.action_question],
+                                                         timing, confidences)
         self.latencies.append(latency)
         self.processed += 1
         started = time.perf_counter()
         self.perception_pub.publish(self.perception_message(frame_set, description, latency))
-        self.action_pub.publish(self.action_message(frame_set, action_text, latency))
+        self.action_pub.publish(self.action_message(frame_set, action_text, latency, confidences[1]))
         timing["publish_s"] = time.perf_counter() - started
         steps, tokens = timing.pop("decode_steps", 0), timing.pop("decode_tokens", 0)
         if steps:
@@ -301,13 +304,13 @@ class DriveNode(Node):
                                      cameras_used=list(frame_set.images), cameras_missing=frame_set.missing,
                                      model=self.model_info, latency_s=latency)
 
-    def action_message(self, frame_set, text, latency):
+    def action_message(self, frame_set, text, latency, confidence):
         action = parse_action(text)
         speed = parse_speed(text)
         if action == "unknown":
             self.counts["unparsed_answers"] += 1
         return PredictedAction(header=self.header(frame_set), action=ACTION_CODES.get(action, PredictedAction.ACTION_UNKNOWN),
-                               action_label=action, rationale=text, confidence=math.nan,
+                               action_label=action, rationale=text, confidence=confidence,
                                has_target_speed=speed is not None, target_speed_mps=speed or 0.0,
                                model=self.model_info, latency_s=latency)
 
