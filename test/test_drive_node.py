@@ -1,6 +1,8 @@
 """The drive node as a real process over DDS: frames in, stamped perception/action/QA out; bad input; bursts."""
 import time
 
+import numpy as np
+
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from sensor_msgs.msg import Image
@@ -54,7 +56,11 @@ def latest_stats(peer):
 
 
 def test_frames_in_messages_out_with_stamps_and_questions(model_dir, peer, tmp_path):
-    node = start_node("owled_ros.nodes.drive_node", params(model_dir), tmp_path / "node.log")
+    from visualization_msgs.msg import Marker, MarkerArray
+
+    peer.collect(Image, "/owled/annotated")
+    peer.collect(MarkerArray, "/owled/markers")
+    node = start_node("owled_ros.nodes.drive_node", params(model_dir, annotate="true"), tmp_path / "node.log")
     try:
         assert peer.wait_for_subscribers(peer.pubs[0]), (tmp_path / "node.log").read_text()
         stamp_ns = 1_700_000_000_250_000_000
@@ -68,7 +74,18 @@ def test_frames_in_messages_out_with_stamps_and_questions(model_dir, peer, tmp_p
         assert perception.description and action.rationale and action.action_label
         assert 0 < action.confidence <= 1  # the action answer's mean token probability
         assert sorted(perception.cameras_used) == sorted(NAMES) and not perception.cameras_missing
-        assert perception.header.frame_id == "front"
+        assert perception.header.frame_id == action.header.frame_id == "base_link"  # the vehicle, not a camera
+        # annotate: the front view with the answers drawn on a band at the top, and markers for RViz
+        peer.spin(10, until=lambda: peer.received["/owled/annotated"] and peer.received["/owled/markers"])
+        view = peer.received["/owled/annotated"][0]
+        drawn = np.frombuffer(bytes(view.data), np.uint8).reshape(view.height, view.width, 3)
+        sent = frame(stamp_ns % 97)
+        assert drawn.shape == sent.shape and view.encoding == "rgb8" and view.header.frame_id == "front"
+        assert not np.array_equal(drawn[:20], sent[:20]) and np.array_equal(drawn[-10:], sent[-10:])
+        texts = [m.text for m in peer.received["/owled/markers"][0].markers]
+        assert texts[0].startswith(f"action: {action.action_label}") and texts[1].startswith("light: ")
+        assert all(m.header.frame_id == "base_link" and m.type == Marker.TEXT_VIEW_FACING
+                   for m in peer.received["/owled/markers"][0].markers)
         peer.spin(5, until=lambda: "p50_s.decode_s" in latest_stats(peer))
         stats = {k: float(v) for k, v in latest_stats(peer).items() if k.startswith(("p50_s.", "latency_"))}
         stages = ["convert_s", "queue_s", "encode_s", "prefill_s", "decode_s", "decode_per_step_s", "tokens_per_step",

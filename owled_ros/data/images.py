@@ -83,3 +83,16 @@ def rgb_to_fields(rgb, encoding="rgb8"):
              "rgba8": cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA), "mono8": cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)}[encoding]
     image = np.ascontiguousarray(image)
     return image.shape[0], image.shape[1], encoding, image.strides[0], image.tobytes()
+
+
+def draw_answers(rgb, lines, scale=None):
+    """A copy of an RGB view with text lines drawn top-left on a dark band (what the model said, for a viewer
+    such as rqt_image_view); `lines` are (text, RGB colour)."""
+    out = np.ascontiguousarray(rgb).copy()
+    scale = scale or max(0.35, out.shape[1] / 1200)
+    height = int(28 * scale) + 4
+    cv2.rectangle(out, (0, 0), (out.shape[1], height * len(lines) + 6), (0, 0, 0), -1)
+    for i, (text, colour) in enumerate(lines):
+        cv2.putText(out, text, (6, height * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, max(1, int(2 * scale)),
+                    cv2.LINE_AA)
+    return out

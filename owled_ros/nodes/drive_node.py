@@ -14,18 +14,20 @@ import uuid
 
 import numpy as np
 import rclpy
-from builtin_interfaces.msg import Time
+from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Header
+from std_msgs.msg import ColorRGBA, Header
+from visualization_msgs.msg import Marker, MarkerArray
 
 from owled_ros.data.frames import SYNC_SLOP_S, FrameSync, LatestSlot
-from owled_ros.data.images import MAX_PIXELS, ImageError, to_rgb
+from owled_ros.data.images import MAX_PIXELS, ImageError, draw_answers, to_rgb
 from owled_ros.eval.parse import parse_action, parse_description, parse_speed
 from owled_ros.msg import ModelInfo, ObjectDescription, PerceptionDescription, PredictedAction, QAAnswer, Question
 from owled_ros.srv import Ask
@@ -131,6 +133,10 @@ class CameraInput:
         self.reported_absent = absent
 
 
+ACTION_COLOURS = {"stop": (255, 60, 60), "slow down": (255, 200, 0), "keep lane": (80, 220, 80), "accelerate": (80, 220, 80)}
+LIGHT_COLOURS = {"red": (255, 60, 60), "yellow": (255, 200, 0), "green": (80, 220, 80)}
+
+
 def stamp_msg(stamp_ns):
     return Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
 
@@ -161,6 +167,10 @@ class DriveNode(Node):
         self.declare_parameter("stale_after_s", 3.0)  # /diagnostics STALE when no frame set came for this long
         self.declare_parameter("question_queue", 16)
         self.declare_parameter("max_question_chars", 1000)  # longer questions are refused and counted
+        self.declare_parameter("frame_id", "base_link")  # the vehicle frame of the answers and markers
+        # owled/annotated (the first camera's view with the answers drawn) and owled/markers (RViz): off by
+        # default, drawing and sending a full view costs the worker time
+        self.declare_parameter("annotate", False)
         param = lambda name: self.get_parameter(name).value
 
         import torch  # here, not at the top: the recorder node imports this module and needs no torch
@@ -215,6 +225,10 @@ class DriveNode(Node):
         self.action_pub = self.create_publisher(PredictedAction, "owled/action", 10)
         self.answer_pub = self.create_publisher(QAAnswer, "owled/answers", 10)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.frame_id, self.annotate = param("frame_id"), param("annotate")
+        if self.annotate:
+            self.annotated_pub = self.create_publisher(Image, "owled/annotated", 1)
+            self.markers_pub = self.create_publisher(MarkerArray, "owled/markers", 1)
         self.create_subscription(Question, "owled/questions", self.on_question, 10)
         self.create_service(Ask, "owled/ask", self.on_ask, callback_group=ReentrantCallbackGroup())
         self.cameras = CameraInput(self, self.slot.put)
@@ -269,7 +283,7 @@ class DriveNode(Node):
             self.get_logger().error(f"{step.__name__} failed: {self.last_error}", throttle_duration_sec=5.0)
 
     def header(self, frame_set):
-        return Header(stamp=stamp_msg(frame_set.stamp_ns), frame_id=frame_set.frame_id)
+        return Header(stamp=stamp_msg(frame_set.stamp_ns), frame_id=self.frame_id)
 
     def process(self, frame_set):
         timing = {k: v for k, v in frame_set.timing.items() if k != "ready"}
@@ -280,8 +294,12 @@ class DriveNode(Node):
         self.latencies.append(latency)
         self.processed += 1
         started = time.perf_counter()
-        self.perception_pub.publish(self.perception_message(frame_set, description, latency))
-        self.action_pub.publish(self.action_message(frame_set, action_text, latency, confidences[1]))
+        perception = self.perception_message(frame_set, description, latency)
+        action = self.action_message(frame_set, action_text, latency, confidences[1])
+        self.perception_pub.publish(perception)
+        self.action_pub.publish(action)
+        if self.annotate:
+            self.publish_annotations(frame_set, perception, action)
         timing["publish_s"] = time.perf_counter() - started
         steps, tokens = timing.pop("decode_steps", 0), timing.pop("decode_tokens", 0)
         if steps:
@@ -289,6 +307,25 @@ class DriveNode(Node):
             timing["tokens_per_step"] = (tokens - 1) / steps  # the first token comes out of the prefill
         for stage, seconds in timing.items():
             self.stages[stage].append(seconds)
+
+    def publish_annotations(self, frame_set, perception, action):
+        """The first camera's view with the answers drawn, and RViz text markers over the vehicle."""
+        light = next((o.state for o in perception.objects if o.label == "traffic_light"), "none")
+        colour = ACTION_COLOURS.get(action.action_label, (255, 255, 255))
+        lines = [(f"action: {action.action_label} ({action.confidence:.2f})", colour),
+                 (f"light: {light}", LIGHT_COLOURS.get(light, (255, 255, 255))), (perception.description[:90], (255, 255, 255))]
+        camera = next(iter(frame_set.images))
+        view = draw_answers(frame_set.images[camera], lines)
+        header = self.header(frame_set)
+        self.annotated_pub.publish(Image(header=Header(stamp=header.stamp, frame_id=frame_set.frame_id or camera),
+                                         height=view.shape[0], width=view.shape[1], encoding="rgb8",
+                                         step=view.shape[1] * 3, data=view.tobytes()))
+        markers = [Marker(header=header, ns="owled", id=i, type=Marker.TEXT_VIEW_FACING, action=Marker.ADD,
+                          pose=Pose(position=Point(x=0.0, y=0.0, z=2.5 + 0.6 * i), orientation=Quaternion(w=1.0)),
+                          scale=Vector3(z=0.5), color=ColorRGBA(r=c[0] / 255, g=c[1] / 255, b=c[2] / 255, a=1.0),
+                          text=text, lifetime=Duration(sec=2))
+                   for i, (text, c) in enumerate(lines[:2])]
+        self.markers_pub.publish(MarkerArray(markers=markers))
 
     def perception_message(self, frame_set, description, latency):
         parsed = parse_description(description)
