@@ -2,7 +2,6 @@
 import time
 
 import numpy as np
-
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from sensor_msgs.msg import Image
