@@ -254,6 +254,48 @@ def test_two_drive_nodes_in_namespaces_share_the_cameras_and_keep_their_own_topi
         assert [stop_node(node) for node in nodes] == [0, 0]
 
 
+def test_managed_node_loads_on_configure_serves_while_active_and_frees_on_cleanup(model_dir, peer, tmp_path):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    node = start_node("owled_ros.nodes.drive_node", params(model_dir, autostart="false"), tmp_path / "node.log")
+    change = peer.node.create_client(ChangeState, "/owled_drive/change_state")
+    get = peer.node.create_client(GetState, "/owled_drive/get_state")
+
+    def call(client, request):
+        future = client.call_async(request)
+        assert peer.spin(120, until=future.done), (tmp_path / "node.log").read_text()
+        return future.result()
+
+    def transition(transition_id):
+        assert call(change, ChangeState.Request(transition=Transition(id=transition_id))).success
+        return call(get, GetState.Request()).current_state.label
+
+    def answered(second):
+        publish_set(peer, second * 10**9)
+        return peer.spin(10, until=lambda: any(a.header.stamp.sec == second for a in peer.received["/owled/action"]))
+
+    try:
+        assert change.wait_for_service(timeout_sec=60) and get.wait_for_service(timeout_sec=10)
+        assert call(get, GetState.Request()).current_state.label == "unconfigured"
+        assert "loaded in" not in (tmp_path / "node.log").read_text() and peer.pubs[0].get_subscription_count() == 0
+        assert transition(Transition.TRANSITION_CONFIGURE) == "inactive"
+        assert "model tiny-decoder (dense, sparsity 0.000) loaded in" in (tmp_path / "node.log").read_text()
+        assert peer.pubs[0].get_subscription_count() == 0  # not subscribed before activate
+        assert transition(Transition.TRANSITION_ACTIVATE) == "active"
+        assert peer.wait_for_subscribers(peer.pubs[0]) and any(answered(s) for s in range(1, 20))
+        assert transition(Transition.TRANSITION_DEACTIVATE) == "inactive"
+        assert peer.spin(10, until=lambda: peer.pubs[0].get_subscription_count() == 0)  # cameras let go
+        assert transition(Transition.TRANSITION_ACTIVATE) == "active"  # no reload: the model stayed
+        assert peer.wait_for_subscribers(peer.pubs[0]) and any(answered(s) for s in range(20, 40))
+        assert (tmp_path / "node.log").read_text().count("loaded in") == 1
+        assert transition(Transition.TRANSITION_DEACTIVATE) == "inactive"
+        assert transition(Transition.TRANSITION_CLEANUP) == "unconfigured"
+        assert peer.spin(5, until=lambda: latest_stats(peer) == {"state": "unconfigured"})  # the model is gone
+    finally:
+        assert stop_node(node) == 0, (tmp_path / "node.log").read_text()
+
+
 @pytest.mark.parametrize("extra, words", [({"camera_names": "[CAM_FRONT,CAM_ROOF,CAM_FRONT_LEFT]"}, ["CAM_ROOF", "camera_names"]),
                                           ({"dtype": "float16"}, ["dtype", "float16", "bfloat16"]),
                                           ({"draft_tokens": -2}, ["draft_tokens", "-2"]),

@@ -4,6 +4,7 @@ Callbacks only convert and group images; one worker thread runs the model on the
 set (older unprocessed sets are dropped and counted) and answers queued questions.
 """
 import collections
+import gc
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.signals import SignalHandlerOptions
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
@@ -75,20 +76,30 @@ def camera_qos(node):
 class CameraInput:
     """Subscribes to the cameras, converts images (counting bad ones) and groups them into frame sets."""
 
-    def __init__(self, node, on_frame_set):
+    def __init__(self, node, on_frame_set, cameras=None):
         self.node, self.on_frame_set = node, on_frame_set
-        self.cameras = declare_camera_parameters(node)
+        self.cameras = cameras or declare_camera_parameters(node)
         self.sync = FrameSync([name for _, name, _ in self.cameras], node.get_parameter("sync_slop_s").value,
                               node.get_parameter("view_timeout_s").value)
         self.bad_images, self.reported_absent, self.last_set = collections.Counter(), set(), None
         self.arrivals = {}  # camera -> (seconds from its stamp to its callback, seconds converting it)
         self.max_pixels = node.get_parameter("max_image_pixels").value
         qos = camera_qos(node)
-        for topic, name, transport in self.cameras:
-            kind = CompressedImage if transport == "compressed" else Image
-            node.create_subscription(kind, topic, lambda msg, n=name, c=transport == "compressed": self.on_image(msg, n, c),
-                                     qos)
-        node.create_timer(0.05, self.on_timer)
+        self.subscriptions = [node.create_subscription(CompressedImage if transport == "compressed" else Image, topic,
+                                                       lambda msg, n=name, c=transport == "compressed": self.on_image(msg, n, c), qos)
+                              for topic, name, transport in self.cameras]
+        self.timer = node.create_timer(0.05, self.on_timer)
+
+    def stats(self):
+        return {"dropped_views": self.sync.dropped_views, "missing_cameras": ",".join(sorted(self.reported_absent)),
+                **{f"dropped_views.{k}": v for k, v in sorted(self.sync.dropped.items())},
+                "bad_images": sum(self.bad_images.values()),
+                **{f"bad_images.{k}": v for k, v in sorted(self.bad_images.items())}}
+
+    def close(self):
+        for subscription in self.subscriptions:
+            self.node.destroy_subscription(subscription)
+        self.node.destroy_timer(self.timer)
 
     def on_image(self, msg, camera, compressed):
         received, started = self.node.get_clock().now().nanoseconds / 1e9, time.perf_counter()  # sim time if used
@@ -141,9 +152,14 @@ def stamp_msg(stamp_ns):
     return Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
 
 
-class DriveNode(Node):
+class DriveNode(LifecycleNode):
+    """A managed (lifecycle) node: configure loads the model, activate subscribes and starts answering,
+    deactivate stops without unloading, cleanup frees the model. With autostart (the default) it configures
+    and activates itself at start-up; without, a lifecycle manager (or `ros2 lifecycle set`) drives it."""
+
     def __init__(self):
         super().__init__("owled_drive")
+        self.declare_parameter("autostart", True)  # configure and activate at start-up; false: wait to be managed
         self.declare_parameter("model_dir", "default")  # "default", an owled_ros model or a transformers checkpoint
         self.declare_parameter("device", "cpu")
         # float32 | bfloat16: bfloat16 halves the decoding time here, but changes some answers (bench/drive_node.py)
@@ -172,12 +188,7 @@ class DriveNode(Node):
         # default, drawing and sending a full view costs the worker time
         self.declare_parameter("annotate", False)
         param = lambda name: self.get_parameter(name).value
-
-        import torch  # here, not at the top: the recorder node imports this module and needs no torch
-
-        from owled_ros.model import load_model
-        from owled_ros.model.sparse_kernels import to_semi_structured
-        from owled_ros.runtime import BACKENDS, prepare
+        from owled_ros.runtime import BACKENDS  # here: the recorder node imports this module and needs no torch
 
         if param("dtype") not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {param('dtype')!r}")
@@ -188,14 +199,67 @@ class DriveNode(Node):
             raise ValueError(f"inference_threads must be 0 (all cores but one) or more, got {param('inference_threads')}")
         if param("backend") not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {param('backend')!r}")
+        self.camera_config = declare_camera_parameters(self)
+        self.max_question_chars = param("max_question_chars")
+        self.max_new_tokens, self.min_period = param("max_new_tokens"), 1.0 / param("max_rate_hz")
+        self.draft_tokens, self.draft_history = param("draft_tokens"), param("draft_history")
+        self.perception_question, self.action_question = param("perception_question"), param("action_question")
+        self.latencies = collections.deque(maxlen=param("latency_window"))
+        self.stages = collections.defaultdict(lambda: collections.deque(maxlen=param("latency_window")))
+        self.questions = collections.deque(maxlen=param("question_queue"))
+        self.counts = collections.Counter()  # dropped/refused questions, worker errors
+        self.latency_budget_s, self.stale_after_s = param("latency_budget_s"), param("stale_after_s")
+        self.frame_id, self.annotate = param("frame_id"), param("annotate")
+        self.model = self.cameras = self.worker = None
+        self.model_lock = threading.Lock()
+        self.configure_error = ""
+        self.reset()
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)  # in every state
+        self.create_timer(1.0, self.publish_diagnostics)
+
+    def reset(self):
+        """What one activation counts and remembers."""
+        self.history = {}  # question -> its latest answers; the questions asked most recently last
+        self.processed, self.failing, self.last_error, self.unparsed_reported = 0, False, "", 0
+        self.latest = None  # newest processed frame set, for questions
+        self.slot = LatestSlot()
+        self.started = time.monotonic()
+
+    # ----- lifecycle -----
+    def on_configure(self, state):
+        """Load the model and compile it for its backend (the time logged); create the publishers."""
+        try:
+            self.load()
+        except (ValueError, OSError) as error:
+            self.model, self.configure_error = None, str(error)
+            if not self.get_parameter("autostart").value:  # with autostart, the start-up error line says it
+                self.get_logger().error(f"configure failed: {error}")
+            return TransitionCallbackReturn.FAILURE
+        self.perception_pub = self.create_lifecycle_publisher(PerceptionDescription, "owled/perception", 10)
+        self.action_pub = self.create_lifecycle_publisher(PredictedAction, "owled/action", 10)
+        self.answer_pub = self.create_lifecycle_publisher(QAAnswer, "owled/answers", 10)
+        if self.annotate:
+            self.annotated_pub = self.create_lifecycle_publisher(Image, "owled/annotated", 1)
+            self.markers_pub = self.create_lifecycle_publisher(MarkerArray, "owled/markers", 1)
+        return super().on_configure(state)
+
+    def load(self):
+        import torch
+
+        from owled_ros.model import load_model
+        from owled_ros.model.sparse_kernels import to_semi_structured
+        from owled_ros.runtime import prepare
+
+        param = lambda name: self.get_parameter(name).value
+        started = time.perf_counter()
         self.model = load_model(param("model_dir")).to(param("device"), getattr(torch, param("dtype")))
-        started, threads = time.perf_counter(), param("inference_threads") or max(1, len(os.sched_getaffinity(0)) - 1)
+        unknown = [name for _, name, _ in self.camera_config if name not in (self.model.cameras or [name])]
+        if unknown:
+            raise ValueError(f"camera_names {unknown} are not views of model {self.model.model_id} "
+                             f"(it knows {self.model.cameras})")
+        threads = param("inference_threads") or max(1, len(os.sched_getaffinity(0)) - 1)
         self.backend = "torch" if param("device") != "cpu" else prepare(
             self.model, param("backend"), param("dtype"), threads, warn=self.get_logger().warning, serve_only=True)
-        self.get_logger().info(f"runtime backend: {self.backend} ({param('dtype')}, {threads} inference threads, "
-                               f"ready in {time.perf_counter() - started:.1f} s)")
-        self.model_lock = threading.Lock()
-        self.max_question_chars = param("max_question_chars")
         compression = self.model.compression
         nm = compression.get("nm") or [0, 0]
         self.model_info = ModelInfo(model_id=self.model.model_id, method=compression["method"],
@@ -206,42 +270,50 @@ class DriveNode(Node):
                 self.sparse_linears = to_semi_structured(self.model)
             else:
                 self.get_logger().warning("a 2:4 model on CUDA runs dense in float32; dtype bfloat16 uses the sparse kernels")
-        self.max_new_tokens, self.min_period = param("max_new_tokens"), 1.0 / param("max_rate_hz")
-        self.draft_tokens, self.draft_history = param("draft_tokens"), param("draft_history")
-        self.history = {}  # question -> its latest answers; the questions asked most recently last
-        self.perception_question, self.action_question = param("perception_question"), param("action_question")
-        self.latencies = collections.deque(maxlen=param("latency_window"))
-        self.stages = collections.defaultdict(lambda: collections.deque(maxlen=param("latency_window")))
-        self.questions = collections.deque(maxlen=param("question_queue"))
-        self.processed = 0
-        self.counts = collections.Counter()  # dropped/refused questions, worker errors
-        self.failing, self.last_error = False, ""
-        self.latency_budget_s, self.stale_after_s = param("latency_budget_s"), param("stale_after_s")
-        self.started, self.unparsed_reported = time.monotonic(), 0
-        self.latest = None  # newest processed frame set, for questions
-        self.slot = LatestSlot()
+        self.get_logger().info(f"model {self.model_info.model_id} ({self.model_info.method}, sparsity "
+                               f"{self.model_info.sparsity:.3f}) loaded in {time.perf_counter() - started:.1f} s; runtime "
+                               f"backend: {self.backend} ({param('dtype')}, {threads} inference threads)")
 
-        self.perception_pub = self.create_publisher(PerceptionDescription, "owled/perception", 10)
-        self.action_pub = self.create_publisher(PredictedAction, "owled/action", 10)
-        self.answer_pub = self.create_publisher(QAAnswer, "owled/answers", 10)
-        self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.frame_id, self.annotate = param("frame_id"), param("annotate")
-        if self.annotate:
-            self.annotated_pub = self.create_publisher(Image, "owled/annotated", 1)
-            self.markers_pub = self.create_publisher(MarkerArray, "owled/markers", 1)
-        self.create_subscription(Question, "owled/questions", self.on_question, 10)
-        self.create_service(Ask, "owled/ask", self.on_ask, callback_group=ReentrantCallbackGroup())
-        self.cameras = CameraInput(self, self.slot.put)
-        unknown = [name for _, name, _ in self.cameras.cameras if name not in (self.model.cameras or [name])]
-        if unknown:
-            raise ValueError(f"camera_names {unknown} are not views of model {self.model.model_id} "
-                             f"(it knows {self.model.cameras})")
-        self.create_timer(1.0, self.publish_diagnostics)
+    def on_activate(self, state):
+        """Subscribe to the cameras and questions, offer owled/ask, start the worker."""
+        self.reset()
+        self.cameras = CameraInput(self, self.slot.put, self.camera_config)
+        self.question_sub = self.create_subscription(Question, "owled/questions", self.on_question, 10)
+        self.ask_service = self.create_service(Ask, "owled/ask", self.on_ask, callback_group=ReentrantCallbackGroup())
         self.running = True
         self.worker = threading.Thread(target=self.work, daemon=True)
         self.worker.start()
-        self.get_logger().info(f"model {self.model_info.model_id} ({self.model_info.method}, sparsity "
-                               f"{self.model_info.sparsity:.3f}) on cameras {[c for _, c, _ in self.cameras.cameras]}")
+        self.get_logger().info(f"active on cameras {[c for _, c, _ in self.camera_config]}")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state):
+        """Stop taking frames and questions (an inference in progress finishes and publishes); the model stays."""
+        self.stop_serving()
+        return super().on_deactivate(state)
+
+    def stop_serving(self):
+        if self.worker is None:
+            return
+        self.cameras.close()
+        self.destroy_subscription(self.question_sub)
+        self.destroy_service(self.ask_service)
+        self.running = False
+        self.worker.join(timeout=120)
+        self.worker = None
+
+    def on_cleanup(self, state):
+        """Free the model (and its compiled runtime)."""
+        for name in ("perception_pub", "action_pub", "answer_pub", "annotated_pub", "markers_pub"):
+            if hasattr(self, name):
+                self.destroy_lifecycle_publisher(getattr(self, name))
+                delattr(self, name)
+        self.model = None
+        gc.collect()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state):
+        self.stop_serving()
+        return TransitionCallbackReturn.SUCCESS
 
     # ----- inference (worker thread) -----
     def infer(self, frame_set, questions, timing=None, confidences=None):
@@ -389,16 +461,17 @@ class DriveNode(Node):
 
     # ----- diagnostics -----
     def stats(self):
+        """The counts of this activation, the stage p50s and the model; the lifecycle state alone before the
+        node is configured."""
+        state = {"state": self._state_machine.current_state[1]}
+        if self.model is None:
+            return state
         latencies = np.array(self.latencies) if self.latencies else np.array([math.nan])
-        return {"processed_frame_sets": self.processed, "dropped_frame_sets": self.slot.dropped,
-                "dropped_views": self.cameras.sync.dropped_views,
-                "missing_cameras": ",".join(sorted(self.cameras.reported_absent)),
-                **{f"dropped_views.{k}": v for k, v in sorted(self.cameras.sync.dropped.items())},
+        cameras = self.cameras.stats() if self.cameras else {}  # the latest activation's
+        return {**state, "processed_frame_sets": self.processed, "dropped_frame_sets": self.slot.dropped, **cameras,
                 "dropped_questions": self.counts["dropped_questions"], "refused_questions": self.counts["refused_questions"],
                 "worker_errors": self.counts["worker_errors"], "last_error": self.last_error,
                 "unparsed_answers": self.counts["unparsed_answers"],
-                "bad_images": sum(self.cameras.bad_images.values()),
-                **{f"bad_images.{k}": v for k, v in sorted(self.cameras.bad_images.items())},
                 "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
                 **{f"p50_s.{stage}": float(np.percentile(values, 50)) for stage, values in sorted(self.stages.items())},
                 "model_id": self.model_info.model_id, "method": self.model_info.method, "backend": self.backend,
@@ -411,6 +484,8 @@ class DriveNode(Node):
         or answers not parsed since the last status; OK otherwise."""
         if self.failing:
             return DiagnosticStatus.ERROR, self.last_error
+        if self.worker is None:  # not active: no frames expected
+            return DiagnosticStatus.OK, f"{stats['state']}{': ' + self.configure_error if self.configure_error else ''}"
         since = time.monotonic() - (self.cameras.last_set or self.started)
         if since > self.stale_after_s:
             return DiagnosticStatus.STALE, f"no frame set for {since:.1f} s"
@@ -426,14 +501,13 @@ class DriveNode(Node):
     def publish_diagnostics(self):
         stats = self.stats()
         level, message = self.health(stats)
-        status = DiagnosticStatus(level=level, name="owled_drive", hardware_id=self.model_info.model_id, message=message,
+        status = DiagnosticStatus(level=level, name="owled_drive", hardware_id=stats.get("model_id", ""), message=message,
                                   values=[KeyValue(key=k, value=str(v)) for k, v in stats.items()])
         self.diagnostics_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
         self.get_logger().info(" ".join(f"{k}={v}" for k, v in stats.items() if "." not in k), throttle_duration_sec=10.0)
 
     def destroy_node(self):
-        self.running = False
-        self.worker.join(timeout=120)  # let an inference in progress finish and publish
+        self.stop_serving()  # an inference in progress finishes and publishes
         super().destroy_node()
 
 
@@ -449,6 +523,10 @@ def spin(node_class):
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = node_class()
+        if isinstance(node, LifecycleNode) and node.get_parameter("autostart").value:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                raise ValueError(node.configure_error)
+            node.trigger_activate()
     except (ValueError, OSError) as error:
         print(f"{node_class.__name__}: error: {error}", file=sys.stderr, flush=True)
         os._exit(2)  # nothing to keep: rclpy's teardown would call destroy_node on the half-built node

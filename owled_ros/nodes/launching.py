@@ -42,7 +42,7 @@ def node(executable, name, config, **arguments):
     `params_file` (default: config/<config>, a ROS parameter file), `use_sim_time`, and overrides: each
     keyword names a node parameter, its launch argument of the same name and that argument's description;
     an argument left empty keeps the parameter file's value. Values keep the parameter's type: a string stays
-    a string (a directory named 2024 stays a path), a list argument reads as YAML ([a, b])."""
+    a string (a directory named 2024 stays a path), a list or boolean argument reads as YAML ([a, b], true)."""
     declared = [DeclareLaunchArgument("namespace", default_value="", description="namespace of the node and its topics"),
                 DeclareLaunchArgument("params_file", default_value=share_file("config", config),
                                       description="ROS parameter file of the node"),
@@ -62,4 +62,4 @@ def node(executable, name, config, **arguments):
 
 
 def typed(kind, text):
-    return yaml.safe_load(text) if kind is list else kind(text)
+    return yaml.safe_load(text) if kind in (list, bool) else kind(text)

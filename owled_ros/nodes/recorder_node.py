@@ -50,7 +50,7 @@ class RecorderNode(Node):
 
     def stats(self):
         return {"frames": self.recorder.frames, "shards": self.recorder.shards, "bytes": self.recorder.bytes,
-                "bad_images": sum(self.cameras.bad_images.values()), "dropped_views": self.cameras.sync.dropped_views,
+                **self.cameras.stats(),
                 **{f"skipped.{k}": v for k, v in sorted(self.skipped.items())}}
 
     def publish_diagnostics(self):
