@@ -336,7 +336,7 @@ def test_with_sim_time_stamps_and_latencies_follow_clock(model_dir, peer, tmp_pa
         for _ in range(100):  # the simulation stands still at 1000 s: latencies on its clock are 0
             clock.publish(Clock(clock=Time(sec=1000)))
             publish_set(peer, 999_500_000_000)
-            if peer.spin(0.3, until=lambda: peer.received["/owled/action"] and latest_stats(peer).get("processed_frame_sets") != "0"):
+            if peer.spin(0.3, until=lambda: peer.received["/owled/action"] and "p50_s.transport_s" in latest_stats(peer)):
                 break
         action = peer.received["/owled/action"][0]
         assert action.latency_s == 0.0 and action.header.stamp.sec == 999

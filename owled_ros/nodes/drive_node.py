@@ -19,6 +19,7 @@ from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
 from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.signals import SignalHandlerOptions
@@ -42,6 +43,7 @@ CARLA_TOPICS = ["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_fr
                 "/carla/ego_vehicle/rgb_front_right/image", "/carla/ego_vehicle/rgb_back/image",
                 "/carla/ego_vehicle/rgb_back_left/image", "/carla/ego_vehicle/rgb_back_right/image"]
 DTYPES = ("float32", "bfloat16")
+STEADY = Clock(clock_type=ClockType.STEADY_TIME)
 HISTORY_QUESTIONS = 64  # distinct questions whose answers are kept for draft_tokens
 NUSCENES_CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
 
@@ -88,7 +90,7 @@ class CameraInput:
         self.subscriptions = [node.create_subscription(CompressedImage if transport == "compressed" else Image, topic,
                                                        lambda msg, n=name, c=transport == "compressed": self.on_image(msg, n, c), qos)
                               for topic, name, transport in self.cameras]
-        self.timer = node.create_timer(0.05, self.on_timer)
+        self.timer = node.create_timer(0.05, self.on_timer, clock=STEADY)  # view_timeout_s is wall time, sim time or not
 
     def stats(self):
         return {"dropped_views": self.sync.dropped_views, "missing_cameras": ",".join(sorted(self.reported_absent)),
@@ -215,7 +217,7 @@ class DriveNode(LifecycleNode):
         self.configure_error = ""
         self.reset()
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)  # in every state
-        self.create_timer(1.0, self.publish_diagnostics)
+        self.create_timer(1.0, self.publish_diagnostics, clock=STEADY)  # on wall time: a paused /clock is reported STALE
 
     def reset(self):
         """What one activation counts and remembers."""

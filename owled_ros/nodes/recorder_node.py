@@ -13,7 +13,7 @@ from rclpy.node import Node
 from std_msgs.msg import Header
 
 from owled_ros.data.recorder import KeepPolicy, ShardRecorder
-from owled_ros.nodes.drive_node import CameraInput, spin
+from owled_ros.nodes.drive_node import STEADY, CameraInput, spin
 
 
 class RecorderNode(Node):
@@ -34,7 +34,7 @@ class RecorderNode(Node):
         self.skipped = collections.Counter()
         self.cameras = CameraInput(self, self.on_frame_set)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(1.0, self.publish_diagnostics)
+        self.create_timer(1.0, self.publish_diagnostics, clock=STEADY)
         self.get_logger().info(f"recording {[c for _, c, _ in self.cameras.cameras]} into {self.recorder.out}")
 
     def on_frame_set(self, frame_set):
