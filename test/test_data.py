@@ -2,6 +2,7 @@
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -133,6 +134,43 @@ def test_recorder_keeps_completed_shards_across_signals(tmp_path, sig, kept):
     assert all(s.vehicle == "car9" and set(s.images()) == {"CAM_FRONT", "CAM_BACK"} for s in samples)
     leftovers = list((tmp_path / "calib").glob(".tmp-*"))
     assert len(leftovers) == (1 if sig == signal.SIGKILL else 0)
+    if sig == signal.SIGKILL:  # the next start completes the shard it was writing: no acknowledged set is lost
+        again = start_node("owled_ros.nodes.recorder_node", recorder_params(tmp_path / "calib", topics), tmp_path / "log2")
+        try:
+            for _ in range(300):
+                if "left unfinished by an earlier run: 2 frame sets kept" in (tmp_path / "log2").read_text():
+                    break
+                time.sleep(0.1)
+        finally:
+            stop_node(again)
+        assert sorted(s.stamp_ns for s in read_samples(tmp_path / "calib")) == [(i + 1) * 10**9 for i in range(8)]
+        assert not list((tmp_path / "calib").glob(".tmp-*"))
+
+
+def test_recovery_keeps_the_frame_sets_written_in_full_and_drops_the_one_being_written(tmp_path):
+    from owled_ros.data.calib import MANIFEST, ShardWriter, recover_shards
+
+    writer = ShardWriter(tmp_path / "calib", "car1-0000")
+    for i in range(3):
+        writer.add(f"car1-{i}", {"CAM_FRONT": frame(i)}, stamp_ns=i)
+    with open(writer.tmp / MANIFEST, "a") as manifest:  # killed while writing the fourth line
+        manifest.write('{"id": "car1-3", "cameras": {"CAM_FR')
+    assert read_samples_or_none(tmp_path / "calib") is None  # invisible until recovered
+    assert recover_shards(tmp_path / "calib") == {"car1-0000": 3}
+    assert [s.stamp_ns for s in read_samples(tmp_path / "calib")] == [0, 1, 2]
+    damaged = ShardWriter(tmp_path / "calib", "car1-0001")
+    for i in range(3):
+        damaged.add(f"car1-1{i}", {"CAM_FRONT": frame(10 + i)}, stamp_ns=10 + i)
+    (damaged.tmp / "frames" / "car1-11_CAM_FRONT.jpg").write_bytes(b"torn")  # its frame never reached the disk
+    assert recover_shards(tmp_path / "calib") == {"car1-0001": 1}  # the torn set and what follows it go
+    assert [s.stamp_ns for s in read_samples(tmp_path / "calib")] == [0, 1, 2, 10]
+
+
+def read_samples_or_none(root):
+    try:
+        return read_samples(root)
+    except ValueError:
+        return None
 
 
 def test_two_vehicles_share_a_prefix_without_overwriting(tmp_path, s3_server):
@@ -181,7 +219,8 @@ def test_a_full_disk_stops_recording_and_keeps_completed_shards(tmp_path, monkey
 
 
 @pytest.mark.parametrize("change,message", [({"output_dir": "FILE/calib"}, "not writable"),
-                                            ({"vehicle_id": "../../X"}, "not a safe name")])
+                                            ({"vehicle_id": "../../X"}, "not a safe name"),
+                                            ({"min_free_mb": "1e12"}, "less than min_free_mb")])
 def test_recorder_with_a_bad_output_dir_or_vehicle_id_stops_at_start_up(tmp_path, change, message):
     (tmp_path / "file").write_text("not a directory")
     params = recorder_params(tmp_path / "calib", ["/rec/a", "/rec/b"])

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -170,6 +171,35 @@ class ShardWriter:
 
     def __exit__(self, kind, *_):
         self.close() if kind is None else self.abort()
+
+
+def recover_shards(root):
+    """Complete the shards a writer left unfinished (killed mid-shard): every frame set whose manifest line
+    was written in full and whose frames match their SHA-256 is kept, the rest (the line being written) is
+    dropped; the shard then goes visible under its name. Returns {shard name: frame sets kept}."""
+    recovered = {}
+    for tmp in sorted(Path(root).glob(f"{TMP_PREFIX}*")):
+        manifest = tmp / MANIFEST
+        kept = []
+        for line in manifest.read_text(errors="replace").splitlines(keepends=True) if manifest.is_file() else []:
+            try:
+                sample = parse_sample(line, tmp)
+                sample.images()
+            except (ValueError, TypeError):
+                break  # the line being written when the writer stopped, and nothing after it
+            if not line.endswith("\n"):
+                break
+            kept.append(line)
+        name = tmp.name.removeprefix(TMP_PREFIX)
+        if not kept or (tmp.parent / name).exists():
+            shutil.rmtree(tmp)
+            continue
+        _fsync_write(manifest, "".join(kept).encode())
+        _fsync_dir(tmp)
+        os.rename(tmp, tmp.parent / name)
+        _fsync_dir(tmp.parent)
+        recovered[name] = len(kept)
+    return recovered
 
 
 def shards(root):

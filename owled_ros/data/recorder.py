@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 
 from .bags import driving_questions
-from .calib import ShardWriter, check_name
+from .calib import ShardWriter, check_name, recover_shards
 
 
 class KeepPolicy:
@@ -43,6 +43,7 @@ class ShardRecorder:
         self.session = time.strftime("%Y%m%dT%H%M%S")
         self.writer, self.shards, self.frames, self.bytes = None, 0, 0, 0
         self.failed = ""
+        self.recovered = recover_shards(out) if out.is_dir() else {}  # shards a killed recorder left unfinished
 
     @property
     def full(self):

@@ -4,6 +4,7 @@ SIGINT/SIGTERM close the current shard; after SIGKILL the completed shards are i
 stays under its temporary name, which readers ignore.
 """
 import collections
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -26,15 +27,18 @@ class RecorderNode(Node):
         self.declare_parameter("shard_size", 32)
         self.declare_parameter("max_frames", 1000)
         self.declare_parameter("quota_mb", 1024.0)
+        self.declare_parameter("min_free_mb", 100.0)  # refuse to start with less free space in output_dir
         param = lambda name: self.get_parameter(name).value
         self.policy = KeepPolicy(param("min_interval_s"), param("min_difference"))
-        check_writable(Path(param("output_dir")))
+        check_writable(Path(param("output_dir")), param("min_free_mb"))
         self.recorder = ShardRecorder(Path(param("output_dir")), param("vehicle_id") or socket.gethostname(), param("shard_size"),
                                       param("max_frames"), int(param("quota_mb") * 2**20))
         self.skipped = collections.Counter()
         self.cameras = CameraInput(self, self.on_frame_set)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self.publish_diagnostics, clock=STEADY)
+        for shard, count in self.recorder.recovered.items():
+            self.get_logger().warning(f"completed shard {shard} left unfinished by an earlier run: {count} frame sets kept")
         self.get_logger().info(f"recording {[c for _, c, _ in self.cameras.cameras]} into {self.recorder.out}")
 
     def on_frame_set(self, frame_set):
@@ -67,14 +71,19 @@ class RecorderNode(Node):
         super().destroy_node()
 
 
-def check_writable(directory):
-    """Fail at start-up, not on the first frame set, when the output directory cannot take files."""
+def check_writable(directory, min_free_mb=0.0):
+    """Fail at start-up, not on the first frame set, when the output directory cannot take files or its disk
+    has less than min_free_mb free."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as error:
         raise OSError(f"output_dir {directory} is not writable: {error.strerror or error}") from None
+    free_mb = shutil.disk_usage(directory).free / 2**20
+    if free_mb < min_free_mb:
+        raise OSError(f"output_dir {directory} has {free_mb:.0f} MB free, less than min_free_mb ({min_free_mb:g} MB): "
+                      "not recording")
 
 
 def main():
