@@ -83,9 +83,10 @@ class Driver:
         self.arrivals[(action.header.stamp.sec, action.header.stamp.nanosec)] = time.time()
         self.actions.append(action)
 
-    def wait_for_node(self, timeout=600):
+    def wait_for_node(self, timeout=600, answers=True):
+        """Until the node subscribes to every camera (and, with answers, publishes actions)."""
         return self.spin_until(lambda: all(p.get_subscription_count() for p in self.publishers.values())
-                               and self.node.count_publishers("/owled/action") > 0, timeout)
+                               and (not answers or self.node.count_publishers("/owled/action") > 0), timeout)
 
     def publish(self, frame_set, stamp_ns=None):
         """Publish the set stamped stamp_ns (default: the wall clock now); returns the stamp."""
@@ -118,9 +119,9 @@ class Driver:
         stamp = lambda a: (a.header.stamp.sec, a.header.stamp.nanosec)
         return sent, [(self.arrivals[stamp(a)] - stamp(a)[0] - stamp(a)[1] / 1e9, a) for a in self.actions]
 
-    def latest_status(self):
+    def latest_status(self, name="owled_drive"):
         self.spin_until(lambda: False, 1.5)
-        return {kv.key: kv.value for s in self.diagnostics[-1].status if s.name == "owled_drive" for kv in s.values}
+        return {kv.key: kv.value for s in self.diagnostics[-1].status if s.name == name for kv in s.values}
 
     def stages(self, processed):
         """The node's per-stage p50s from its first /diagnostics that counts `processed` frame sets."""
