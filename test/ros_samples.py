@@ -14,13 +14,7 @@ def model():
 
 
 def objects():
-    return [
-        ObjectDescription(label="car", camera="CAM_FRONT", has_box=True, x_min=0.25, y_min=0.5, x_max=0.375,
-                          y_max=0.75, position="ahead", distance_m=12.5, motion=ObjectDescription.MOTION_MOVING,
-                          state="", score=0.875),
-        ObjectDescription(label="traffic_light", camera="CAM_FRONT_LEFT", position="front-left", distance_m=30.0,
-                          motion=ObjectDescription.MOTION_STOPPED, state="red", score=0.5),
-    ]
+    return [ObjectDescription(label="vehicle"), ObjectDescription(label="traffic_light", state="red")]
 
 
 def samples():
@@ -29,7 +23,7 @@ def samples():
         "model_info": (ModelInfo, model()),
         "object": (ObjectDescription, objects()[0]),
         "perception": (PerceptionDescription, PerceptionDescription(
-            header=header(), description="A car ahead, red light to the front-left.", objects=objects(),
+            header=header(), description="A car ahead, red light to the front-left.", confidence=0.625, objects=objects(),
             cameras_used=["CAM_FRONT", "CAM_FRONT_LEFT"], cameras_missing=["CAM_BACK"], model=model(),
             latency_s=0.25)),
         "action": (PredictedAction, PredictedAction(
@@ -39,6 +33,6 @@ def samples():
         "question": (Question, Question(header=header(), question_id="q-7", category="planning",
                                         question="What should the ego vehicle do?")),
         "answer": (QAAnswer, QAAnswer(header=header(), question_id="q-7", category="planning",
-                                      question="What should the ego vehicle do?", answer="Stop.", model=model(),
-                                      latency_s=0.5)),
+                                      question="What should the ego vehicle do?", answer="Stop.", confidence=0.875,
+                                      model=model(), latency_s=0.5)),
     }

@@ -71,7 +71,7 @@ def test_frames_in_messages_out_with_stamps_and_questions(model_dir, peer, tmp_p
             assert message.model.model_id == "tiny-decoder" and message.model.method == "dense"
             assert message.latency_s > 0
         assert perception.description and action.rationale and action.action_label
-        assert 0 < action.confidence <= 1  # the action answer's mean token probability
+        assert 0 < action.confidence <= 1 and 0 < perception.confidence <= 1  # answers' mean token probability
         assert sorted(perception.cameras_used) == sorted(NAMES) and not perception.cameras_missing
         assert perception.header.frame_id == action.header.frame_id == "base_link"  # the vehicle, not a camera
         # annotate: the front view with the answers drawn on a band at the top, and markers for RViz
@@ -101,6 +101,7 @@ def test_frames_in_messages_out_with_stamps_and_questions(model_dir, peer, tmp_p
         peer.spin(30, until=lambda: peer.received["/owled/answers"])
         answer = peer.received["/owled/answers"][0]
         assert answer.question_id == "q1" and answer.answer and answer.header.stamp.nanosec == 250_000_000
+        assert 0 < answer.confidence <= 1
         # asked again about the same frame set: decoded with guesses from the action answer, the same answer
         assert answer.answer == action.rationale
 

@@ -55,7 +55,7 @@ def test_every_message_round_trips_between_processes(node):
         assert received[topic] == message, topic
     perception = received["perception"]
     assert perception.header.stamp.sec == 1700000123 and perception.header.stamp.nanosec == 456000000
-    assert [o.label for o in perception.objects] == ["car", "traffic_light"]
+    assert [o.label for o in perception.objects] == ["vehicle", "traffic_light"] and perception.confidence == 0.625
     assert perception.objects[1].state == "red" and perception.model.sparsity == 0.5
     assert received["action"].action == received["action"].ACTION_STOP
 

@@ -368,7 +368,7 @@ class DriveNode(LifecycleNode):
         self.latencies.append(latency)
         self.processed += 1
         started = time.perf_counter()
-        perception = self.perception_message(frame_set, description, latency)
+        perception = self.perception_message(frame_set, description, latency, confidences[0])
         action = self.action_message(frame_set, action_text, latency, confidences[1])
         self.perception_pub.publish(perception)
         self.action_pub.publish(action)
@@ -401,19 +401,17 @@ class DriveNode(LifecycleNode):
                    for i, (text, c) in enumerate(lines[:2])]
         self.markers_pub.publish(MarkerArray(markers=markers))
 
-    def perception_message(self, frame_set, description, latency):
+    def perception_message(self, frame_set, description, latency, confidence):
         parsed = parse_description(description)
         if all(value is None for value in parsed.values()):
             self.counts["unparsed_answers"] += 1  # published as text, with no objects
-        objects = [ObjectDescription(label=label, camera="", has_box=False, position="", distance_m=math.nan,
-                                     motion=ObjectDescription.MOTION_UNKNOWN, score=math.nan)
+        objects = [ObjectDescription(label=label)
                    for label, key in (("vehicle", "n_cars"), ("pedestrian", "n_pedestrians")) for _ in range(parsed[key] or 0)]
         if parsed["light"] not in (None, "none"):
-            objects.append(ObjectDescription(label="traffic_light", position="ahead", distance_m=math.nan,
-                                             state=parsed["light"], score=math.nan))
-        return PerceptionDescription(header=self.header(frame_set), description=description, objects=objects,
-                                     cameras_used=list(frame_set.images), cameras_missing=frame_set.missing,
-                                     model=self.model_info, latency_s=latency)
+            objects.append(ObjectDescription(label="traffic_light", state=parsed["light"]))
+        return PerceptionDescription(header=self.header(frame_set), description=description, confidence=confidence,
+                                     objects=objects, cameras_used=list(frame_set.images),
+                                     cameras_missing=frame_set.missing, model=self.model_info, latency_s=latency)
 
     def action_message(self, frame_set, text, latency, confidence):
         action = parse_action(text)
@@ -444,11 +442,11 @@ class DriveNode(LifecycleNode):
         self.questions.append(msg)
 
     def answer_question(self, question):
-        frame_set = self.latest
-        (answer,), latency = self.infer(frame_set, [question.question])
+        frame_set, confidences = self.latest, []
+        (answer,), latency = self.infer(frame_set, [question.question], confidences=confidences)
         message = QAAnswer(header=self.header(frame_set), question_id=question.question_id or uuid.uuid4().hex[:8],
                            category=question.category, question=question.question, answer=answer,
-                           model=self.model_info, latency_s=latency)
+                           confidence=confidences[0], model=self.model_info, latency_s=latency)
         self.answer_pub.publish(message)
         return message
 
