@@ -119,8 +119,11 @@ def test_a_checkpoint_larger_than_its_memory_cap_is_pruned_block_by_block_from_d
     from safetensors.torch import load_file
 
     capped = tmp_path / "capped"
+    # M and lambda are not searched on an offloaded model: it gets the in-memory run's choice by hand
+    chosen = json.loads((pruned(work, "llava") / "report.json").read_text())
     result = owled("prune", "--model", work / "llava", "--method", "owled-sparsegpt", "--sparsity", "llm=0.5,vision=0.5",
-                   "--calib", work / "calib", "--nsamples", 4, "--max-memory", "1MB", "--out", capped)
+                   "--calib", work / "calib", "--nsamples", 4, "--max-memory", "1MB", "--M", chosen["M"],
+                   "--lam", chosen["lambda"], "--out", capped)
     assert result.returncode == 0, result.stderr
     report = json.loads((capped / "report.json").read_text())
     size = (work / "llava" / "model.safetensors").stat().st_size

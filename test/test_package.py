@@ -17,7 +17,8 @@ ROSDEP_KEYS = {
     "boto3": "python3-boto3", "botocore": "python3-boto3", "pycocoevalcap": "python3-pycocoevalcap-pip",
     "nltk": "python3-nltk", "scipy": "python3-scipy", "PIL": "python3-pil", "ament_index_python": "ament_index_python",
     "deep_sort_realtime": "python3-deep-sort-realtime-pip", "peft": "python3-peft-pip", "accelerate": "python3-accelerate-pip",
-    "openvino": "python3-openvino-pip", "nncf": "python3-nncf-pip",
+    "openvino": "python3-openvino-pip", "nncf": "python3-nncf-pip", "geometry_msgs": "geometry_msgs",
+    "rosgraph_msgs": "rosgraph_msgs", "visualization_msgs": "visualization_msgs",
 }
 
 
