@@ -134,7 +134,6 @@ class CameraInput:
                             "ready": time.monotonic()}
         self.on_frame_set(frame_set)
 
-
     def report_absence(self):
         """Once per change: a camera that stopped (the sets go on without it), or one that came back."""
         absent = set(self.sync.absent)

@@ -233,10 +233,15 @@ def prune_layer(module, stats, pruner, sparsity, nm):
     if pruner in RECONSTRUCTING:
         RECONSTRUCTING[pruner](weight, stats.xtx, sparsity or 0.0, nm)
         return
-    scores = weight.detach().abs() if pruner == "magnitude" else wanda_scores(weight.detach(), stats.sq)
-    mask = nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
+    mask = removal_mask(weight, stats.sq if stats else None, sparsity, nm)
     with torch.no_grad():
         weight[mask] = 0
+
+
+def removal_mask(weight, input_sq_norm, sparsity, nm):
+    """The weights to remove: the lowest Wanda scores (|W| without input statistics) per row or N:M group."""
+    scores = weight.detach().abs() if input_sq_norm is None else wanda_scores(weight.detach(), input_sq_norm)
+    return nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
 
 
 def prune_block(block, stats, plan, pruner):
@@ -283,8 +288,7 @@ def masked(components, plans, norms, pruner):
                     if not nm and not sparsity:
                         continue
                     weight = matrix(module)
-                    scores = weight.abs() if pruner == "magnitude" else wanda_scores(weight, block_norms[name])
-                    mask = nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
+                    mask = removal_mask(weight, None if pruner == "magnitude" else block_norms[name], sparsity, nm)
                     removed.append((weight, mask, weight[mask].clone()))
                     weight[mask] = 0
         try:
@@ -307,7 +311,7 @@ def search_allocation(model, components, samples, run, spec, outliers, norms):
             trial = replace(spec, m_factor=m_factor, lam=lam)
             plans = {c: allocate(c, blocks, [o[m_factor] for o in outliers[c]] if trial.outlier_weighted else None, trial)
                      for c, blocks in components.items()}
-            with masked(components, plans, norms, spec.pruner), torch.no_grad():
+            with masked(components, plans, norms, spec.pruner):
                 scored[m_factor, lam] = float(np.mean([float(run(model, sample)) for sample in samples]))
         return scored[m_factor, lam]
 
