@@ -2,19 +2,23 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup world demo test bench clean
 setup:
 	@bash scripts/setup.sh
+
+# The MetaDrive venv (.venv-world): scene rendering, for the tests, the benches and `owled build-default`.
+world: setup
+	@bash scripts/setup_world.sh
 
 demo: setup
 	$(VENV)/bin/owled demo
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
-test: setup
+test: world
 	@. $(VENV)/bin/activate && python -m pytest -q test; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
-# Regenerates bench/results/ and the README's results tables (see the README for the measured durations).
-bench: setup
+# Regenerates bench/results/ and every table and figure in README.md and docs/ (docs/benchmarks.md).
+bench: world
 	$(PY) bench/text_check.py --out bench/results
 	[ -d bench/results/work-world-train ] || $(VENV)/bin/owled calib world bench/results/work-world-train --count 704 --seed 0
 	[ -d bench/results/work-world-heldout ] || $(VENV)/bin/owled calib world bench/results/work-world-heldout --count 200 --seed 1000000
@@ -30,7 +34,9 @@ bench: setup
 	$(PY) bench/default_model.py --out bench/results
 	$(PY) bench/byo_model.py --out bench/results
 	$(PY) bench/runtime.py --frames bench/results/work-world-heldout --out bench/results
-	$(PY) bench/update_readme.py README.md
+	$(PY) bench/load.py --minutes 10 --out bench/results
+	OWLED_SUITE_RESULTS=bench/results/tests.json $(MAKE) test
+	$(PY) bench/update_readme.py
 
 clean:
 	rm -rf build $(VENV) .venv-world

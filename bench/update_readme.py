@@ -1,19 +1,157 @@
-"""Copy the benchmark tables into README.md: each `<!-- include PATH -->` ... `<!-- end include -->` block
-gets PATH's current content. Run by `make bench` after the benchmarks."""
+"""Every number in README.md and docs/*.md comes from a results file (or, for node parameters, from the
+parameter file that mirrors the node), through three kinds of marks:
+
+    <!-- include PATH -->...<!-- end include -->        the file's content (a bench's table)
+    <!-- value PATH KEY [FORMAT] -->...<!-- end -->     one figure of a JSON results file
+    <!-- parameters PATH -->...<!-- end parameters -->  a ROS parameter file as a table: name, default, comment
+
+bench/results/headline.md, the README's results, is made here from the other results files (HEADLINE).
+
+KEY walks the JSON by `/` (`load/rss_growth`); a list step `name=dense` takes the element whose `name` is
+dense (`method=dense&backend=torch`: every field must match). FORMAT is a Python format spec (`.3f`, `.1%`,
+`,d`). Paths are relative to the repository root.
+
+    python bench/update_readme.py           # rewrite the documents from the results files
+    python bench/update_readme.py --check   # exit 1, naming each stale mark, where a document disagrees
+"""
+import argparse
+import json
 import re
 import sys
 from pathlib import Path
 
-BLOCK = re.compile(r"(<!-- include (\S+) -->\n).*?(<!-- end include -->)", re.S)
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INCLUDE = re.compile(r"(<!-- include (\S+) -->\n).*?(<!-- end include -->)", re.S)
+VALUE = re.compile(r"(<!-- value (\S+) (\S+)(?: (\S+))? -->).*?(<!-- end -->)", re.S)
+PARAMETERS = re.compile(r"(<!-- parameters (\S+) -->\n).*?(<!-- end parameters -->)", re.S)
 
 
-def update(readme):
-    text = readme.read_text()
-    missing = [path for path in BLOCK.findall(text) if not (readme.parent / path[1]).is_file()]
-    if missing:
-        sys.exit(f"not found (run the benchmarks first): {', '.join(p[1] for p in missing)}")
-    readme.write_text(BLOCK.sub(lambda m: m[1] + (readme.parent / m[2]).read_text() + m[3], text))
+def headline(root=ROOT):
+    """The README's results tables, from text_check.json, results.json, runtime.json and load.json."""
+    read = lambda name: json.loads((root / "bench" / "results" / f"{name}.json").read_text())
+    text, sweep, runtime, load = read("text_check"), read("results"), read("runtime"), read("load")
+    perplexity = {r["name"]: r["perplexity"] for r in text["results"]}
+    lines = [f"**Pruning the language model** (SmolLM2-135M, real weights; held-out perplexity, dense "
+             f"{perplexity['dense']:.1f}; lower is better):", "",
+             "| sparsity | Wanda | OWL × Wanda | OWL × SparseGPT | OWL × ALPS |", "|---|---|---|---|---|"]
+    lines += [f"| {s * 100:.0f} % | " + " | ".join(f"{perplexity[f'{m}-{s:g}']:.1f}" for m in
+                                          ("wanda-uniform", "wanda-owl", "sparsegpt-owl", "alps-owl")) + " |"
+              for s in (0.5, 0.6, 0.7)]
+    rows = {r["name"]: r for r in sweep["results"]}
+    cell = lambda row, key, f=".3f": "{:{f}} [{:{f}}, {:{f}}]".format(*row["metrics"][key], f=f)
+    lines += ["", f"**The default driving model, pruned** ({sweep['eval_frame_sets']} held-out MetaDrive frame sets, "
+              f"generated answers on {sweep['generated_frame_sets']}; value [95 % interval]; closed questions scored "
+              "by likelihood, the action parsed from the generated answer):", "",
+              "| model | closed mean accuracy | traffic light | action (generated) | size MB |", "|---|---|---|---|---|"]
+    for label, name in (("dense", "dense"), ("dense, every camera blanked", "dense, blank images"),
+                        *[(f"{m} {s * 100:.0f} %", f"{m.lower()}-{s:g}") for m in ("OWLed-SparseGPT", "OWLed-ALPS")
+                          for s in (0.5, 0.6, 0.7)],
+                        ("OWLed-SparseGPT 2:4, outlier layers dense (40 %)", "owled-sparsegpt-2:4-0.4")):
+        if name in rows:
+            row = rows[name]
+            lines.append(f"| {label} | {cell(row, 'closed_mean_acc')} | {cell(row, 'light_acc')} | "
+                         f"{cell(row, 'gen_action_accuracy')} | {row['size_mb']:.0f} |")
+    cpu = runtime["cpu"]
+    p50 = {(r["method"], r["backend"], r["dtype"]): r for r in runtime["rows"]}
+    lines += ["", f"**Runtime** (perception + action answers for one frame set, p50 seconds; {cpu['model']}, "
+              f"{cpu['cores']} cores):", "",
+              "| model | torch fp32 | OpenVINO fp32 | OpenVINO int8 weights | RSS MB (int8) |", "|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in runtime["rows"]):
+        times = [p50.get((method, backend, "float32")) for backend in ("torch", "openvino", "openvino-int8")]
+        rss = f"{times[2]['rss_mb']:.0f}" if times[2] else "–"
+        lines.append(f"| {method} | " + " | ".join(f"{r['p50_s']:.2f}" if r else "–" for r in times) + f" | {rss} |")
+    under = load["load"]
+    lines += ["", f"**The drive node under load** (cameras at 10 Hz for {under['minutes']:g} minutes; "
+              f"{load['machine']}): RSS growth after warm-up {under['rss_growth']:+.1%}, {under['worker_errors']} "
+              f"worker errors; exit {load['shutdown']['sigint_s']:.2f} s after SIGINT, "
+              f"{load['shutdown']['sigterm_s']:.2f} s after SIGTERM."]
+    return "\n".join(lines) + "\n"
+
+
+def documents(root=ROOT):
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def lookup(data, key):
+    for step in key.split("/"):
+        if isinstance(data, list) and "=" in step:
+            wanted = dict(condition.split("=", 1) for condition in step.split("&"))
+            data = next(item for item in data if all(str(item.get(k)) == v for k, v in wanted.items()))
+        else:
+            data = data[int(step)] if isinstance(data, list) else data[step]
+    return data
+
+
+def parameter_table(path):
+    """A ROS parameter file (one node's `ros__parameters`) as a markdown table, with each line's comment."""
+    text = path.read_text()
+    (node, params), = yaml.safe_load(text).items()
+    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", text, re.M))
+    shown = lambda v: "`" + (str(v) if isinstance(v, str) and v else json.dumps(v)) + "`"
+    cell = lambda text: text.replace("|", "\\|")
+    rows = [f"| `{name}` | {cell(shown(value))} | {cell(comments.get(name, ''))} |"
+            for name, value in params["ros__parameters"].items()]
+    return "\n".join(["| parameter | default | |", "|---|---|---|", *rows]) + "\n"
+
+
+def render(text, root=ROOT):
+    """The document with every mark filled from its file; ValueError naming a mark that cannot be filled."""
+    def include(match):
+        path = root / match[2]
+        if not path.is_file():
+            raise ValueError(f"{match[2]} not found (run its benchmark first)")
+        return match[1] + path.read_text() + match[3]
+
+    def value(match):
+        path, key, spec = root / match[2], match[3], match[4] or ""
+        try:
+            figure = lookup(json.loads(path.read_text()), key)
+        except (OSError, KeyError, IndexError, StopIteration, ValueError) as error:
+            raise ValueError(f"{match[2]} has no value at {key} ({type(error).__name__}: {error})") from None
+        return match[1] + format(figure, spec) + match[5]
+
+    def parameters(match):
+        return match[1] + parameter_table(root / match[2]) + match[3]
+
+    return PARAMETERS.sub(parameters, VALUE.sub(value, INCLUDE.sub(include, text)))
+
+
+def stale_marks(old, new):
+    """The marks whose filled text differs, as 'PATH KEY' lines."""
+    marks = lambda text: [(m[0].split(" -->")[0][5:], m[0]) for pattern in (INCLUDE, VALUE, PARAMETERS)
+                          for m in pattern.finditer(text)]
+    return [name for (name, before), (_, after) in zip(marks(old), marks(new)) if before != after]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 where a document is stale")
+    p.add_argument("--root", type=Path, default=ROOT)
+    args = p.parse_args()
+    stale = []
+    made = args.root / "bench" / "results" / "headline.md"
+    if args.check:
+        if not made.is_file() or made.read_text() != headline(args.root):
+            stale.append("bench/results/headline.md: not what the results files give")
+    else:
+        made.write_text(headline(args.root))
+    for document in documents(args.root):
+        text = document.read_text()
+        try:
+            filled = render(text, args.root)
+        except ValueError as error:
+            sys.exit(f"{document.relative_to(args.root)}: {error}")
+        if filled != text:
+            if args.check:
+                stale += [f"{document.relative_to(args.root)}: {mark}" for mark in stale_marks(text, filled)]
+            else:
+                document.write_text(filled)
+                print(f"updated {document.relative_to(args.root)}")
+    if stale:
+        sys.exit("stale (run python bench/update_readme.py):\n  " + "\n  ".join(stale))
 
 
 if __name__ == "__main__":
-    update(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
+    main()

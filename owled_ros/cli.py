@@ -142,7 +142,7 @@ def cmd_bench(args):
     from .eval.bench import run_bench
 
     run_bench(args.model, args.out, nsamples=args.nsamples, eval_frames=args.eval_frames,
-              generated_frames=args.generated_frames, calib=args.calib, eval_set=args.eval)
+              generated_frames=args.generated_frames, calib=args.calib, eval_set=args.eval, resume=args.resume)
 
 
 class Parser(argparse.ArgumentParser):
@@ -193,7 +193,7 @@ def parser():
                    help="runtime: auto (the fastest installed), torch (eager), openvino (compiled), openvino-int8")
     s.set_defaults(func=cmd_answer)
 
-    s = sub.add_parser("prune", help="prune a model (magnitude, Wanda, SparseGPT; uniform or OWL; unstructured or N:M)")
+    s = sub.add_parser("prune", help="prune a model (magnitude, Wanda, SparseGPT, ALPS; uniform, OWL or AlphaPruning allocation; unstructured or N:M)")
     s.add_argument("--model", default="default")
     s.add_argument("--calib", help="calibration set directory (driving), text file (generic) or s3://bucket/prefix")
     s.add_argument("--method", default="owled", choices=list(METHODS),
@@ -286,6 +286,7 @@ def parser():
     s.add_argument("--generated-frames", type=COUNT, default=100, help="of which answers are generated (language metrics)")
     s.add_argument("--calib", help="calibration frame sets (default: synthetic 2-D ones)")
     s.add_argument("--eval", help="held-out frame sets with ground truth (default: synthetic 2-D ones)")
+    s.add_argument("--resume", action="store_true", help="keep the rows an interrupted run with the same settings measured")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the whole loop on the default model: MetaDrive drive bag -> recorder -> OWLed -> drive node")

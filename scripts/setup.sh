@@ -92,16 +92,6 @@ if ! fresh package "$package" || [ ! -x "$venv/bin/owled" ]; then
     || { cat build/pip-editable.log; exit 1; }
   mark package "$package"
 fi
-# The MetaDrive world (owled_ros/data/metadrive_world.py) renders in its own venv: metadrive-simulator 0.3.0.1
-# pins numpy 1.24 and gym 0.25. It writes calibration sets that this venv reads.
-world=$root/.venv-world
-worlddeps=$(digest requirements-world.lock)
-if ! fresh world "$worlddeps"; then
-  echo "[setup] MetaDrive venv $world (requirements-world.lock)"
-  [ -x "$world/bin/python" ] || "$PYTHON" -m venv "$world"
-  "$world/bin/python" -m pip install -q --disable-pip-version-check -r requirements-world.lock
-  mark world "$worlddeps"
-fi
 # WordNet 3.0 for METEOR's synonym stage: Debian's wordnet-base holds the database files NLTK reads, but not
 # the `lexnames` table NLTK also needs; it is written from the package's own lexnames(5WN) page. Optional:
 # without apt (or offline) METEOR matches exact words and stems only, and the results say so.
@@ -124,4 +114,4 @@ sys.stdout.writelines(f"{n}\t{pos}.{name}\t{category[pos]}\n" for n, pos, name i
   fi
   rm -rf "$tmp"
 fi
-echo "[setup] ready: $venv ($(du -sh "$venv" | cut -f1)), $world ($(du -sh "$world" | cut -f1))"
+echo "[setup] ready: $venv ($(du -sh "$venv" | cut -f1))"

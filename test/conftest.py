@@ -1,12 +1,36 @@
+import json
 import os
 import random
 import socket
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 # Keep DDS traffic on this machine and away from other test runs.
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["ROS_DOMAIN_ID"] = str(random.Random(os.getpid()).randint(1, 100))
+
+
+def pytest_sessionstart(session):
+    session.started = time.monotonic()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With OWLED_SUITE_RESULTS=path (`make bench`): the suite's size, outcomes and duration, for the docs."""
+    path = os.environ.get("OWLED_SUITE_RESULTS")
+    if not path:
+        return
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from results_io import cpu
+
+    outcomes = session.config.pluginmanager.get_plugin("terminalreporter").stats
+    summary = {"tests": session.testscollected, "seconds": round(time.monotonic() - session.started),
+               "minutes": round((time.monotonic() - session.started) / 60),
+               **{outcome: len(outcomes.get(outcome, [])) for outcome in ("passed", "failed", "skipped", "error")},
+               "cpu": cpu()}
+    Path(path).write_text(json.dumps(summary, indent=1))
 
 
 @pytest.fixture

@@ -211,3 +211,34 @@ def test_paired_generated_differences_resample_the_same_frame_sets_for_both_mode
     difference, low, high, verdict = better["action_exact_match"]
     assert difference == pytest.approx(1.0) and verdict == 1 and 0 < low <= high
     assert better["light_accuracy"][0] == 0 and better["bleu4"][3] == 1
+
+
+def test_an_interrupted_bench_resumes_from_the_rows_it_measured(tmp_path):
+    tiny_decoder().save_pretrained(tmp_path / "model")
+    write_synthetic(tmp_path / "eval", 2, seed=31, vehicle="eval")
+    write_synthetic(tmp_path / "calib", 8, seed=32, vehicle="calib")
+    sweep = dict(sparsities=(0.5,), nm=None, methods=("wanda", "sparsegpt"), high_methods=(), answer_methods=(),
+                 nsamples=8, eval_frames=2, generated_frames=1, eval_set=tmp_path / "eval", calib=tmp_path / "calib")
+    kept = tmp_path / "out" / "work" / "rows" / "wanda-0.5.json"
+
+    def interrupted(**options):
+        def stop_after_wanda(line):
+            if line.startswith("wanda-0.5"):
+                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            run_bench(tmp_path / "model", tmp_path / "out", log=stop_after_wanda, **sweep, **options)
+        marked = json.loads(kept.read_text())
+        marked["row"]["prune_s"] = -1.0  # a value no run measures: shows whether the row was kept
+        kept.write_text(json.dumps(marked))
+
+    interrupted(max_new_tokens=2)
+    summary = run_bench(tmp_path / "model", tmp_path / "out", resume=True, max_new_tokens=2, log=lambda *_: None, **sweep)
+    assert [r["name"] for r in summary["results"]] == ["dense", "dense, blank images", "wanda-0.5", "sparsegpt-0.5"]
+    assert summary["results"][2]["prune_s"] == -1.0 and summary["results"][3]["prune_s"] >= 0
+    assert not (tmp_path / "out" / "work").exists()
+    interrupted(max_new_tokens=2)
+    other = run_bench(tmp_path / "model", tmp_path / "out", resume=True, max_new_tokens=3, log=lambda *_: None, **sweep)
+    assert other["results"][2]["prune_s"] >= 0  # other settings: measured again
+    interrupted(max_new_tokens=2)
+    fresh = run_bench(tmp_path / "model", tmp_path / "out", max_new_tokens=2, log=lambda *_: None, **sweep)
+    assert fresh["results"][2]["prune_s"] >= 0  # without resume the sweep starts over

@@ -291,6 +291,7 @@ def test_views_that_never_reach_a_frame_set_are_counted():
     partial = sync.poll()
     assert partial.images == {"CAM_FRONT": 1400} and partial.missing == ["CAM_BACK"]
     assert sync.dropped == {"stale": 2, "late": 1, "replaced": 1} and sync.dropped_views == 4  # 1300: stale
+    assert sync.unmade == 3  # the front camera's 1000, 1200 and 1300 went out in no set
     assert sync.poll() is None
 
 
@@ -303,7 +304,8 @@ def test_views_arriving_out_of_step_across_cameras_all_reach_their_sets():
     arrivals = [("CAM_FRONT", 0, "f0"), ("CAM_FRONT", 100, "f1"), ("CAM_BACK", 10, "b0"), ("CAM_FRONT", 200, "f2"),
                 ("CAM_BACK", 95, "b1"), ("CAM_BACK", 210, "b2")]
     sets = [s.images for camera, stamp, image in arrivals if (s := sync.add(camera, stamp * ms, image))]
-    assert sets == [{"CAM_FRONT": f"f{k}", "CAM_BACK": f"b{k}"} for k in range(3)] and sync.dropped_views == 0
+    assert sets == [{"CAM_FRONT": f"f{k}", "CAM_BACK": f"b{k}"} for k in range(3)]
+    assert sync.dropped_views == 0 and sync.unmade == 0
 
 
 def test_a_camera_that_stops_is_missing_once_and_used_again_when_it_comes_back():

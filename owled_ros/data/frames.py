@@ -28,18 +28,21 @@ class FrameSync:
     waiting are taken as absent (`absent`): sets go out without them at once from then on, reporting them
     missing, until they send again. Should the others still not make a set, the newest views at hand go out.
     Views that never make it into a set are counted by why in `dropped`: replaced (pushed out of a full queue),
-    stale (no view of some other camera lies within the slop), late (their set already went out)."""
+    stale (no view of some other camera lies within the slop), late (their set already went out). `unmade` counts
+    the frame sets lost that way: the views of the camera that sent most, less the sets that went out."""
 
     def __init__(self, cameras, slop_s=SYNC_SLOP_S, timeout_s=1.0, clock=time.monotonic, queue_size=QUEUE_SIZE):
         self.cameras, self.slop_ns, self.timeout_s, self.clock = list(cameras), int(slop_s * 1e9), timeout_s, clock
         self.queues = {camera: collections.deque() for camera in self.cameras}
         self.queue_size, self.pending_since, self.last_stamp = queue_size, None, None
         self.absent, self.dropped = set(), collections.Counter()
+        self.received, self.handed_out = collections.Counter(), 0
         self.lock = threading.Lock()
 
     def add(self, camera, stamp_ns, image, frame_id=""):
         """Returns a complete FrameSet or None."""
         with self.lock:
+            self.received[camera] += 1
             if self._late(stamp_ns):
                 self.dropped["late"] += 1
                 return None
@@ -50,11 +53,15 @@ class FrameSync:
             bisect.insort(queue, (stamp_ns, image, frame_id), key=lambda view: view[0])
             self.absent.discard(camera)
             self.pending_since = self.pending_since or self.clock()
-            return self._complete()
+            return self._handed_out(self._complete())
 
     @property
     def dropped_views(self):
         return sum(self.dropped.values())
+
+    @property
+    def unmade(self):
+        return max(self.received.values(), default=0) - self.handed_out
 
     def poll(self):
         """Once the timeout has passed: a set without the absent cameras, else the newest partial one; or None."""
@@ -67,13 +74,17 @@ class FrameSync:
                 sets.append(complete)
             self.dropped["stale"] += sum(len(older.images) for older in sets[:-1])  # the newest set supersedes them
             if sets or not any(self.queues.values()):
-                return sets[-1] if sets else None
+                return self._handed_out(sets[-1] if sets else None)
             newest = max(queue[-1][0] for queue in self.queues.values() if queue)
             views = {}
             for camera, queue in self.queues.items():
                 if queue and newest - queue[-1][0] <= self.slop_ns:
                     views[camera] = queue.pop()
-            return self._emit(views)
+            return self._handed_out(self._emit(views))
+
+    def _handed_out(self, frame_set):
+        self.handed_out += frame_set is not None
+        return frame_set
 
     def _late(self, stamp_ns):
         return self.last_stamp is not None and stamp_ns - self.last_stamp <= self.slop_ns

@@ -265,7 +265,7 @@ def write(out, specs, shard_size=64, vehicle="metadrive", progress=True):
 def world_python():
     python = Path(os.environ.get("OWLED_WORLD_PYTHON") or Path(__file__).parents[2] / ".venv-world" / "bin" / "python")
     if not python.exists():
-        raise FileNotFoundError(f"the MetaDrive venv's python was not found at {python}: run `make setup` "
+        raise FileNotFoundError(f"the MetaDrive venv's python was not found at {python}: run `make world` "
                                 "(it makes .venv-world), or set OWLED_WORLD_PYTHON")
     return python
 

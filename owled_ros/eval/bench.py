@@ -6,6 +6,7 @@ when none are given) and texts, then deleted (its report is kept): closed
 questions by likelihood on every frame set, generated answers on the first ones. Every metric carries a
 bootstrap 95 % interval; a method beats another only where the paired test on the same frame sets says so.
 """
+import functools
 import json
 import math
 import shutil
@@ -65,6 +66,16 @@ def runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity, 
     return plan
 
 
+def kept_row(work, name, settings, measure_row):
+    """The row an earlier run of these settings kept in work/rows (a resumed run), else measure_row() now, kept."""
+    path = work / "rows" / f"{name}.json"
+    if path.exists() and (kept := json.loads(path.read_text()))["settings"] == settings:
+        return kept["row"]
+    row = measure_row()
+    path.write_text(json.dumps({"settings": settings, "row": row}))
+    return row
+
+
 def measure(model, model_dir, eval_samples, generated, max_new_tokens, blank=False):
     scored = evaluate(model, eval_samples, generated, max_new_tokens, blank)
     row = {"metrics": scored["metrics"], "items": scored["items"], "seconds_per_answer": scored["seconds_per_answer"],
@@ -81,33 +92,40 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sp
               methods=("wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt", "alps", "owled-alps"),
               high_methods=("sparsegpt", "owled-sparsegpt", "alps", "owled-alps"),
               nm_methods=("wanda", "sparsegpt", "owled-sparsegpt"), answer_methods=("owled-sparsegpt",), calib=None,
-              eval_set=None,
-              log=print):
+              eval_set=None, resume=False, log=print):
     """model_dir: 'default', one of our model directories or a transformers checkpoint (closed questions only
     where the model scores options). calib, eval_set: calibration and held-out frame sets (directories);
-    default synthetic 2-D ones."""
+    default synthetic 2-D ones. resume: keep the rows an interrupted run measured with the same settings."""
     model_dir = resolve_model(str(model_dir))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    (work / "rows").mkdir(parents=True, exist_ok=True)
     if calib is None:
         calib = work / "calib"
-        write_synthetic(calib, max(nsamples, 8), seed=100, vehicle="bench-calib")
+        if not calib.exists():
+            write_synthetic(calib, max(nsamples, 8), seed=100, vehicle="bench-calib")
     if eval_set is None:
         eval_set = work / "eval"
-        write_synthetic(eval_set, eval_frames, seed=999, vehicle="bench-eval")
+        if not eval_set.exists():
+            write_synthetic(eval_set, eval_frames, seed=999, vehicle="bench-eval")
+    settings = {"model": str(model_dir), "calib": str(calib), "eval": str(eval_set), "eval_frames": eval_frames,
+                "generated_frames": generated_frames, "max_new_tokens": max_new_tokens}
     eval_samples = read_samples(eval_set)[:eval_frames]
     if len(eval_samples) < eval_frames:
         raise ValueError(f"{eval_set} has {len(eval_samples)} frame sets; --eval-frames asks for {eval_frames}")
     frames = "/".join(sorted({s.source.split(":")[0] for s in eval_samples}))  # synthetic (2-D) or metadrive
     started = time.time()
-    model = load_model(model_dir)
-    dense = {"name": "dense", "method": "dense", "target": "0", "achieved": 0.0,
-             **measure(model, model_dir, eval_samples, generated_frames, max_new_tokens)}
+    model = functools.cache(lambda: load_model(model_dir))
+    dense = kept_row(work, "dense", settings, lambda: {
+        "name": "dense", "method": "dense", "target": "0", "achieved": 0.0,
+        **measure(model(), model_dir, eval_samples, generated_frames, max_new_tokens)})
     # The same dense model with every camera blanked: what the answers owe to the images.
-    blank = {"name": "dense, blank images", "method": "dense", "target": "0", "achieved": 0.0,
-             **measure(model, model_dir, eval_samples, generated_frames, max_new_tokens, blank=True)}
+    blank = kept_row(work, "blank", settings, lambda: {
+        "name": "dense, blank images", "method": "dense", "target": "0", "achieved": 0.0,
+        **measure(model(), model_dir, eval_samples, generated_frames, max_new_tokens, blank=True)})
     del model
     results = [dense, blank]
     log(f"dense: {headline(dense)}; blank images: {headline(blank)}")
@@ -119,15 +137,20 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sp
         command += ["--sparsity", sparsity] if sparsity else []
         command += ["--nm", pattern] if pattern else []
         command += extra
-        subprocess.run(command, check=True, capture_output=True, text=True)
-        report = json.loads((work / name / "report.json").read_text())
-        row = {"name": name, "method": label, "target": f"{pattern} {sparsity or ''}".strip() if pattern else sparsity,
-               "achieved": report["achieved"]["pruned_components"], "prune_s": report["seconds"],
-               "prune_peak_mb": report["peak_rss_mb"], "args": ["owled", *command[3:]],
-               **measure(load_model(work / name), work / name, eval_samples, generated_frames, max_new_tokens)}
+
+        def pruned_row():
+            shutil.rmtree(work / name, ignore_errors=True)
+            subprocess.run(command, check=True, capture_output=True, text=True)
+            report = json.loads((work / name / "report.json").read_text())
+            row = {"name": name, "method": label, "target": f"{pattern} {sparsity or ''}".strip() if pattern else sparsity,
+                   "achieved": report["achieved"]["pruned_components"], "prune_s": report["seconds"],
+                   "prune_peak_mb": report["peak_rss_mb"], "args": ["owled", *command[3:]],
+                   **measure(load_model(work / name), work / name, eval_samples, generated_frames, max_new_tokens)}
+            shutil.copy(work / name / "report.json", out / f"report-{name}.json")
+            shutil.rmtree(work / name)
+            return row
+        row = kept_row(work, name, {**settings, "command": command[3:]}, pruned_row)
         results.append(row)
-        shutil.copy(work / name / "report.json", out / f"report-{name}.json")
-        shutil.rmtree(work / name)
         log(f"{name}: achieved {row['achieved']:.3f}, {headline(row)}")
     summary = {"model": str(model_dir), "nsamples": nsamples, "eval_frame_sets": eval_frames,
                "frames": frames,

@@ -135,6 +135,7 @@ def run_demo(workdir, sparsity="0.5"):
     node_stats = {kv.key: kv.value for kv in statuses[-1].values} if statuses else {}
     backend = node_stats.get("backend")
     dropped = {"while the model was busy": int(node_stats.get("dropped_frame_sets", 0)),
+               "never made (their views dropped)": int(node_stats.get("unmade_frame_sets", 0)),
                **{f"views {k.split('.', 1)[1]}": int(v) for k, v in node_stats.items() if k.startswith("dropped_views.")}}
     print(f"runtime backend of the drive node: {backend}")
     print(f"frame sets: {len(scenes)} in the drive, {len(latencies)} answered, dropped: "

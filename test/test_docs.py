@@ -1,0 +1,49 @@
+"""README.md and docs/ against the results files they quote (bench/update_readme.py)."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UPDATE = ROOT / "bench" / "update_readme.py"
+
+
+def check(root=ROOT):
+    return subprocess.run([sys.executable, str(UPDATE), "--check", "--root", str(root)], capture_output=True, text=True)
+
+
+def test_every_document_agrees_with_its_results_files():
+    result = check()
+    assert result.returncode == 0, result.stderr
+    assert len((ROOT / "README.md").read_text()) <= 12_000
+
+
+def test_a_stale_figure_is_named_and_the_update_rewrites_it(tmp_path):
+    for part in ("README.md", "docs", "config", "bench/results"):
+        source = ROOT / part
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / part)
+    load = tmp_path / "bench" / "results" / "load.json"
+    summary = json.loads(load.read_text())
+    summary["shutdown"]["sigint_s"] = 123.456
+    load.write_text(json.dumps(summary))
+    (tmp_path / "config" / "drive.yaml").write_text((tmp_path / "config" / "drive.yaml").read_text().replace(
+        "max_new_tokens: 48", "max_new_tokens: 64"))
+    stale = check(tmp_path)
+    assert stale.returncode == 1
+    assert "bench/results/headline.md" in stale.stderr  # the README's results, made from load.json
+    assert "docs/ros2.md: parameters config/drive.yaml" in stale.stderr
+    subprocess.run([sys.executable, str(UPDATE), "--root", str(tmp_path)], check=True, capture_output=True)
+    assert "123.46 s after SIGINT" in (tmp_path / "README.md").read_text()
+    assert "| `max_new_tokens` | `64` |" in (tmp_path / "docs" / "ros2.md").read_text()
+    assert check(tmp_path).returncode == 0
+
+
+def test_a_mark_without_its_value_is_an_error_naming_it(tmp_path):
+    for part in ("README.md", "docs", "config", "bench/results"):
+        source = ROOT / part
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / part)
+    readme = tmp_path / "README.md"
+    readme.write_text(readme.read_text() + "\n<!-- value bench/results/load.json load/no_such_key -->1<!-- end -->\n")
+    result = check(tmp_path)
+    assert result.returncode == 1 and "bench/results/load.json has no value at load/no_such_key" in result.stderr
