@@ -70,6 +70,9 @@ def headline(root=ROOT):
     return "\n".join(lines) + "\n"
 
 
+GENERATED = {"bench/results/headline.md": headline}
+
+
 def documents(root=ROOT):
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
@@ -96,9 +99,14 @@ def parameter_table(path):
     return "\n".join(["| parameter | default | |", "|---|---|---|", *rows]) + "\n"
 
 
-def render(text, root=ROOT):
-    """The document with every mark filled from its file; ValueError naming a mark that cannot be filled."""
+def render(text, root=ROOT, generated=None):
+    """The document with every mark filled from its file (or from `generated`, {path: content} made here);
+    ValueError naming a mark that cannot be filled."""
+    generated = generated or {}
+
     def include(match):
+        if match[2] in generated:
+            return match[1] + generated[match[2]] + match[3]
         path = root / match[2]
         if not path.is_file():
             raise ValueError(f"{match[2]} not found (run its benchmark first)")
@@ -130,24 +138,30 @@ def main():
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 where a document is stale")
     p.add_argument("--root", type=Path, default=ROOT)
     args = p.parse_args()
-    stale = []
-    made = args.root / "bench" / "results" / "headline.md"
-    if args.check:
-        if not made.is_file() or made.read_text() != headline(args.root):
-            stale.append("bench/results/headline.md: not what the results files give")
-    else:
-        made.write_text(headline(args.root))
-    for document in documents(args.root):
-        text = document.read_text()
+    texts = {document: document.read_text() for document in documents(args.root)}
+    wanted = {m[2] for text in texts.values() for m in INCLUDE.finditer(text) if m[2] in GENERATED}
+    try:
+        generated = {path: GENERATED[path](args.root) for path in wanted}
+    except (OSError, KeyError, ValueError) as error:
+        sys.exit(f"cannot make {', '.join(sorted(wanted))} from the results files: {type(error).__name__}: {error}")
+    filled = {}
+    for document, text in texts.items():  # every document filled before anything is written
         try:
-            filled = render(text, args.root)
+            filled[document] = render(text, args.root, generated)
         except ValueError as error:
             sys.exit(f"{document.relative_to(args.root)}: {error}")
-        if filled != text:
-            if args.check:
-                stale += [f"{document.relative_to(args.root)}: {mark}" for mark in stale_marks(text, filled)]
-            else:
-                document.write_text(filled)
+    if args.check:
+        stale = [f"{path}: not what the results files give" for path, content in generated.items()
+                 if not (args.root / path).is_file() or (args.root / path).read_text() != content]
+        stale += [f"{document.relative_to(args.root)}: {mark}" for document, text in texts.items()
+                  for mark in stale_marks(text, filled[document])]
+    else:
+        stale = []
+        for path, content in generated.items():
+            (args.root / path).write_text(content)
+        for document, text in texts.items():
+            if filled[document] != text:
+                document.write_text(filled[document])
                 print(f"updated {document.relative_to(args.root)}")
     if stale:
         sys.exit("stale (run python bench/update_readme.py):\n  " + "\n  ".join(stale))

@@ -47,3 +47,19 @@ def test_a_mark_without_its_value_is_an_error_naming_it(tmp_path):
     readme.write_text(readme.read_text() + "\n<!-- value bench/results/load.json load/no_such_key -->1<!-- end -->\n")
     result = check(tmp_path)
     assert result.returncode == 1 and "bench/results/load.json has no value at load/no_such_key" in result.stderr
+
+
+def test_an_include_is_copied_and_a_missing_file_refused_with_nothing_written(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "a.md").write_text("| new | table |\n")
+    (tmp_path / "docs").mkdir()
+    readme, page = tmp_path / "README.md", tmp_path / "docs" / "page.md"
+    readme.write_text("# x\n<!-- include results/a.md -->\nold\n<!-- end include -->\ntail\n")
+    page.write_text("<!-- include results/a.md -->\n<!-- end include -->\n")
+    subprocess.run([sys.executable, str(UPDATE), "--root", str(tmp_path)], check=True, capture_output=True)
+    assert readme.read_text() == "# x\n<!-- include results/a.md -->\n| new | table |\n<!-- end include -->\ntail\n"
+    (tmp_path / "results" / "a.md").write_text("| newer |\n")
+    page.write_text("<!-- include results/b.md -->\nkept\n<!-- end include -->\n")
+    failed = subprocess.run([sys.executable, str(UPDATE), "--root", str(tmp_path)], capture_output=True, text=True)
+    assert failed.returncode != 0 and "docs/page.md: results/b.md not found" in failed.stderr
+    assert "kept" in page.read_text() and "| new | table |" in readme.read_text()  # nothing written

@@ -156,20 +156,6 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
     assert (tmp_path / "out" / "report-owled-0.5.json").is_file() and not (tmp_path / "out" / "work").exists()
 
 
-def test_update_readme_copies_each_included_file_and_refuses_missing_ones(tmp_path):
-    script = Path(__file__).parents[1] / "bench" / "update_readme.py"
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "a.md").write_text("| new | table |\n")
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- include results/a.md -->\nold\n<!-- end include -->\ntail\n")
-    subprocess.run([sys.executable, str(script), str(readme)], check=True)
-    assert readme.read_text() == "# x\n<!-- include results/a.md -->\n| new | table |\n<!-- end include -->\ntail\n"
-    readme.write_text("<!-- include results/b.md -->\nkept\n<!-- end include -->\n")
-    failed = subprocess.run([sys.executable, str(script), str(readme)], capture_output=True, text=True)
-    assert failed.returncode != 0 and "results/b.md" in failed.stderr
-    assert "kept" in readme.read_text()
-
-
 def test_text_check_prunes_each_run_from_the_same_dense_weights(tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
     import text_check

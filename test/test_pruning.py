@@ -141,6 +141,43 @@ def test_sequential_pruning_feeds_pruned_outputs_to_the_next_block():
     assert not any(torch.allclose(a, b) for a, b in zip(stats_inputs, dense_first))
 
 
+class TwoComponents(nn.Module):
+    """An image side and a language model, one after the other, two blocks each."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.vision = nn.ModuleList([ToyBlock(width, True), ToyBlock(width, False)])
+        self.llm = nn.ModuleList([ToyBlock(width, True), ToyBlock(width, False)])
+
+    def components(self):
+        return {"vision": self.vision, "llm": self.llm}
+
+    def forward(self, x):
+        for block in [*self.vision, *self.llm]:
+            x = block(x)
+        return x
+
+
+def test_owl_reads_the_calibration_data_once_more_than_uniform_and_later_components_see_the_pruned_ones():
+    torch.manual_seed(2)
+    samples = [torch.randn(10, 32) for _ in range(4)]
+    forwards = {}
+    for allocation in ("uniform", "owl"):
+        model = TwoComponents()
+        calls = []
+        counted = lambda m, x: calls.append(1) or m(x)
+        seen = []
+        model.llm[0].fc.register_forward_hook(lambda _, args, __: seen.append(args[0].detach()))
+        prune_model(model, samples, counted, PruneSpec("wanda", allocation, {"vision": 0.5, "llm": 0.5}, m_factor=5,
+                                                       lam=0.08), progress=False)
+        forwards[allocation] = len(calls)
+        pruned_vision = [model.vision[1](model.vision[0](x)).detach() for x in samples]
+        statistics_inputs = seen[-2 * len(samples):-len(samples)]  # llm block 0's last two passes: statistics, outputs
+        assert all(torch.allclose(a, b) for a, b in zip(statistics_inputs, pruned_vision)), allocation
+    # a capture per component; OWL's outlier pass captures both, and the pruning pass reuses the first's
+    assert forwards == {"uniform": 2 * len(samples), "owl": 3 * len(samples)}
+
+
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune")

@@ -257,10 +257,11 @@ def prune_block(block, stats, plan, pruner):
 
 def outlier_pass(model, components, samples, run, m_factors, progress=True):
     """OWL pass 1: dense activations through every component. Per block: {M: Outliers} from its Wanda scores,
-    and every linear's per-input-feature sum of squares (the dense statistics)."""
-    found, norms = {}, {}
+    and every linear's per-input-feature sum of squares (the dense statistics); per component, what capture()
+    returned, for the pruning pass to start from (a second capture would repeat a dense forward)."""
+    found, norms, captured = {}, {}, {}
     for component, blocks in components.items():
-        inputs, calls = capture(model, blocks, samples, run)
+        inputs, calls = captured[component] = capture(model, blocks, samples, run)
         found[component], norms[component] = [], []
         for index, block in enumerate(tqdm(blocks, desc=f"outliers {component}", leave=False, disable=not progress)):
             stats = {}
@@ -272,7 +273,7 @@ def outlier_pass(model, components, samples, run, m_factors, progress=True):
                                      for m in m_factors if m is not None})
             norms[component].append({name: stats[name].sq for name in scores})
             inputs = outputs
-    return found, norms
+    return found, norms, captured
 
 
 @contextlib.contextmanager
@@ -369,9 +370,9 @@ def prune_model(model, samples, run, spec, progress=True):
     if spec.searched and getattr(model, "offloaded", 0):
         log.warning("M and lambda are not searched on a model offloaded to disk: OWL's defaults are used")
         spec.m_factor, spec.lam = spec.m_factor or DEFAULT_M, spec.lam or DEFAULT_LAM
-    outliers = {}
+    outliers, captured = {}, {}
     if spec.outlier_weighted or spec.searched:
-        outliers, norms = outlier_pass(model, components, samples, run, spec.candidates()[0], progress)
+        outliers, norms, captured = outlier_pass(model, components, samples, run, spec.candidates()[0], progress)
         if spec.searched:
             search_allocation(model, components, samples, run, spec, outliers, norms)
         outliers = {c: [o[spec.m_factor] for o in blocks] for c, blocks in outliers.items()} if spec.outlier_weighted else {}
@@ -379,7 +380,10 @@ def prune_model(model, samples, run, spec, progress=True):
     for component, blocks in components.items():
         plans = allocate(component, blocks, outliers.get(component), spec)
         if spec.needs_activations:
-            inputs, calls = capture(model, blocks, samples, run)
+            # the outlier pass's capture holds for the first component only: the later ones are captured
+            # through the components already pruned
+            reused = captured.pop(component, None) if not records else None
+            inputs, calls = reused or capture(model, blocks, samples, run)
         for index, block in enumerate(tqdm(blocks, desc=f"prune {component}", disable=not progress)):
             stats = {}
             if spec.needs_activations:
