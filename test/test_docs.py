@@ -63,3 +63,14 @@ def test_an_include_is_copied_and_a_missing_file_refused_with_nothing_written(tm
     failed = subprocess.run([sys.executable, str(UPDATE), "--root", str(tmp_path)], capture_output=True, text=True)
     assert failed.returncode != 0 and "docs/page.md: results/b.md not found" in failed.stderr
     assert "kept" in page.read_text() and "| new | table |" in readme.read_text()  # nothing written
+
+
+def test_the_pinned_versions_the_docs_give_are_those_setup_installs():
+    import re
+
+    pinned = dict(re.findall(r"^([\w.-]+)==(\S+)", (ROOT / "requirements.lock").read_text(), re.M))
+    pinned.update(re.findall(r"--no-deps ([\w.-]+)==(\S+)", (ROOT / "scripts" / "setup.sh").read_text()))
+    given = [(package, version) for document in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+             for package, version in re.findall(r"\b([a-z][\w.-]*)==([\w.+]+)", document.read_text())]
+    assert given and all(pinned.get(package) == version for package, version in given), [
+        (package, version, pinned.get(package)) for package, version in given if pinned.get(package) != version]

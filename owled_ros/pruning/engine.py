@@ -164,8 +164,10 @@ def target_of(component, targets):
     return targets.get(component, targets.get(group_of(component)))
 
 
-def capture(model, blocks, samples, run):
-    """Per sample: the hidden input of blocks[0], and (args, kwargs) of every block without the hidden state."""
+def capture(model, blocks, samples, run, stats=None):
+    """Per sample: the hidden input of blocks[0], and (args, kwargs) of every block without the hidden state.
+    With stats (one dict per block), the forward goes through the last block too, collecting every prunable
+    layer's InputStats on the way: the dense statistics for the cost of the capture itself."""
     first_inputs, calls = [], [[] for _ in blocks]
 
     def pre_hook(index):
@@ -174,11 +176,20 @@ def capture(model, blocks, samples, run):
             if index == 0:
                 first_inputs.append(hidden)
             calls[index].append((args, kwargs))
-            if index == len(blocks) - 1:
+            if index == len(blocks) - 1 and stats is None:
                 raise StopForward
         return hook
 
+    def stop(*_):
+        raise StopForward
+
     handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    for block, block_stats in zip(blocks, stats or ()):
+        for name, module in prunable(block).items():
+            block_stats[name] = InputStats(module, hessian=False)
+            handles.append(module.register_forward_hook(lambda _, args, __, s=block_stats[name]: s.add(args[0])))
+    if stats is not None:
+        handles.append(blocks[-1].register_forward_hook(stop))
     try:
         with torch.no_grad():
             for sample in samples:
@@ -255,24 +266,22 @@ def prune_block(block, stats, plan, pruner):
     return result
 
 
-def outlier_pass(model, components, samples, run, m_factors, progress=True):
-    """OWL pass 1: dense activations through every component. Per block: {M: Outliers} from its Wanda scores,
-    and every linear's per-input-feature sum of squares (the dense statistics); per component, what capture()
-    returned, for the pruning pass to start from (a second capture would repeat a dense forward)."""
+def outlier_pass(model, components, samples, run, m_factors):
+    """OWL pass 1: one dense forward per component, which also captures the component's block inputs. Per
+    block: {M: Outliers} from its Wanda scores, and every linear's per-input-feature sum of squares (the dense
+    statistics); per component, what capture() returned, for the pruning pass to start from."""
     found, norms, captured = {}, {}, {}
     for component, blocks in components.items():
-        inputs, calls = captured[component] = capture(model, blocks, samples, run)
+        stats = [{} for _ in blocks]
+        captured[component] = capture(model, blocks, samples, run, stats)
         found[component], norms[component] = [], []
-        for index, block in enumerate(tqdm(blocks, desc=f"outliers {component}", leave=False, disable=not progress)):
-            stats = {}
-            outputs = block_outputs(block, inputs, calls[index], stats)
+        for block, block_stats in zip(blocks, stats):
             with onloaded(model, block, changes=False):
-                scores = {name: wanda_scores(matrix(m).detach(), stats[name].sq) for name, m in prunable(block).items()}
+                scores = {name: wanda_scores(matrix(m).detach(), block_stats[name].sq) for name, m in prunable(block).items()}
             found[component].append({m: Outliers(outlier_ratio(scores.values(), m),
                                                   {name: outlier_ratio([s], m) for name, s in scores.items()})
                                      for m in m_factors if m is not None})
-            norms[component].append({name: stats[name].sq for name in scores})
-            inputs = outputs
+            norms[component].append({name: block_stats[name].sq for name in scores})
     return found, norms, captured
 
 
@@ -372,7 +381,7 @@ def prune_model(model, samples, run, spec, progress=True):
         spec.m_factor, spec.lam = spec.m_factor or DEFAULT_M, spec.lam or DEFAULT_LAM
     outliers, captured = {}, {}
     if spec.outlier_weighted or spec.searched:
-        outliers, norms, captured = outlier_pass(model, components, samples, run, spec.candidates()[0], progress)
+        outliers, norms, captured = outlier_pass(model, components, samples, run, spec.candidates()[0])
         if spec.searched:
             search_allocation(model, components, samples, run, spec, outliers, norms)
         outliers = {c: [o[spec.m_factor] for o in blocks] for c, blocks in outliers.items()} if spec.outlier_weighted else {}
