@@ -90,7 +90,7 @@ def lookup(data, key):
 def parameter_table(path):
     """A ROS parameter file (one node's `ros__parameters`) as a markdown table, with each line's comment."""
     text = path.read_text()
-    (node, params), = yaml.safe_load(text).items()
+    (_, params), = yaml.safe_load(text).items()
     comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", text, re.M))
     shown = lambda v: "`" + (str(v) if isinstance(v, str) and v else json.dumps(v)) + "`"
     cell = lambda text: text.replace("|", "\\|")

@@ -26,8 +26,8 @@ def pytest_sessionfinish(session, exitstatus):
     from results_io import cpu
 
     outcomes = session.config.pluginmanager.get_plugin("terminalreporter").stats
-    summary = {"tests": session.testscollected, "seconds": round(time.monotonic() - session.started),
-               "minutes": round((time.monotonic() - session.started) / 60),
+    seconds = time.monotonic() - session.started
+    summary = {"tests": session.testscollected, "seconds": round(seconds), "minutes": round(seconds / 60),
                **{outcome: len(outcomes.get(outcome, [])) for outcome in ("passed", "failed", "skipped", "error")},
                "cpu": cpu()}
     Path(path).write_text(json.dumps(summary, indent=1))

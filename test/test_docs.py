@@ -13,6 +13,13 @@ def check(root=ROOT):
     return subprocess.run([sys.executable, str(UPDATE), "--check", "--root", str(root)], capture_output=True, text=True)
 
 
+def copy_documents(root):
+    """The documents and every file they quote, under root."""
+    for part in ("README.md", "docs", "config", "bench/results"):
+        source = ROOT / part
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, root / part)
+
+
 def test_every_document_agrees_with_its_results_files():
     result = check()
     assert result.returncode == 0, result.stderr
@@ -20,9 +27,7 @@ def test_every_document_agrees_with_its_results_files():
 
 
 def test_a_stale_figure_is_named_and_the_update_rewrites_it(tmp_path):
-    for part in ("README.md", "docs", "config", "bench/results"):
-        source = ROOT / part
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / part)
+    copy_documents(tmp_path)
     load = tmp_path / "bench" / "results" / "load.json"
     summary = json.loads(load.read_text())
     summary["shutdown"]["sigint_s"] = 123.456
@@ -40,9 +45,7 @@ def test_a_stale_figure_is_named_and_the_update_rewrites_it(tmp_path):
 
 
 def test_a_mark_without_its_value_is_an_error_naming_it(tmp_path):
-    for part in ("README.md", "docs", "config", "bench/results"):
-        source = ROOT / part
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / part)
+    copy_documents(tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text(readme.read_text() + "\n<!-- value bench/results/load.json load/no_such_key -->1<!-- end -->\n")
     result = check(tmp_path)

@@ -93,7 +93,8 @@ class CameraInput:
         self.timer = node.create_timer(0.05, self.on_timer, clock=STEADY)  # view_timeout_s is wall time, sim time or not
 
     def stats(self):
-        return {"unmade_frame_sets": self.sync.unmade, "dropped_views": self.sync.dropped_views, "missing_cameras": ",".join(sorted(self.reported_absent)),
+        return {"unmade_frame_sets": self.sync.unmade, "dropped_views": self.sync.dropped_views,
+                "missing_cameras": ",".join(sorted(self.reported_absent)),
                 **{f"dropped_views.{k}": v for k, v in sorted(self.sync.dropped.items())},
                 "bad_images": sum(self.bad_images.values()),
                 **{f"bad_images.{k}": v for k, v in sorted(self.bad_images.items())}}
@@ -544,11 +545,11 @@ def spin(node_class):
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
-        # Everything is published and closed; the interpreter's own teardown (freeing torch's and OpenVINO's
-        # modules) would take about 2 s more.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # Everything is published and closed; the interpreter's own teardown (freeing torch's and OpenVINO's
+    # modules) would take about 2 s more. An error above propagates instead, with its traceback and exit code.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main():

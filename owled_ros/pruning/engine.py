@@ -164,6 +164,15 @@ def target_of(component, targets):
     return targets.get(component, targets.get(group_of(component)))
 
 
+def collect_stats(block, stats, hessian):
+    """Hooks that fill stats (a dict) with an InputStats per prunable layer of block as it runs; their handles."""
+    handles = []
+    for name, module in prunable(block).items():
+        stats[name] = InputStats(module, hessian)
+        handles.append(module.register_forward_hook(lambda _, args, __, s=stats[name]: s.add(args[0])))
+    return handles
+
+
 def capture(model, blocks, samples, run, stats=None):
     """Per sample: the hidden input of blocks[0], and (args, kwargs) of every block without the hidden state.
     With stats (one dict per block), the forward goes through the last block too, collecting every prunable
@@ -185,9 +194,7 @@ def capture(model, blocks, samples, run, stats=None):
 
     handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     for block, block_stats in zip(blocks, stats or ()):
-        for name, module in prunable(block).items():
-            block_stats[name] = InputStats(module, hessian=False)
-            handles.append(module.register_forward_hook(lambda _, args, __, s=block_stats[name]: s.add(args[0])))
+        handles += collect_stats(block, block_stats, hessian=False)
     if stats is not None:
         handles.append(blocks[-1].register_forward_hook(stop))
     try:
@@ -224,11 +231,7 @@ def run_block(block, hidden, args, kwargs):
 
 def block_outputs(block, inputs, calls, stats=None, hessian=False):
     """Outputs of a block for every sample; with stats (a dict), collect every linear's InputStats in it."""
-    handles = []
-    if stats is not None:
-        for name, module in prunable(block).items():
-            stats[name] = InputStats(module, hessian)
-            handles.append(module.register_forward_hook(lambda _, args, __, s=stats[name]: s.add(args[0])))
+    handles = collect_stats(block, stats, hessian) if stats is not None else []
     try:
         with torch.no_grad():
             return [run_block(block, x, *call) for x, call in zip(inputs, calls)]
