@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results_io import cpu, write_results  # noqa: E402
 
 QUESTIONS = ["What are the important objects in the current scene?", "What should the ego vehicle do?"]
-DENSE_CONFIGS = [("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"), ("openvino", "bfloat16"),
-                 ("openvino-int8", "float32")]
-SPARSE_CONFIGS = [("torch", "float32"), ("openvino", "float32"), ("openvino-int8", "float32")]
+DENSE_CONFIGS = [("torch", "float32"), ("torch", "bfloat16"), ("torch-int8", "float32"), ("openvino", "float32"),
+                 ("openvino", "bfloat16"), ("openvino-int8", "float32")]
+SPARSE_CONFIGS = [("torch", "float32"), ("torch-int8", "float32"), ("openvino", "float32"), ("openvino-int8", "float32")]
 # (row label, sparsity, `owled prune` arguments)
 PRUNED = [("owled-sparsegpt 50 %", 0.5, ["--method", "owled-sparsegpt", "--sparsity", "0.5"]),
           ("owled-sparsegpt 70 %", 0.7, ["--method", "owled-sparsegpt", "--sparsity", "0.7"]),
@@ -39,10 +39,12 @@ def one_row(model_dir, backend, dtype, frames, count):
 
     from owled_ros.data.calib import read_samples
     from owled_ros.model import load_model
+    from owled_ros.model.checkpoint import keep_heap_small
     from owled_ros.runtime import prepare
     from owled_ros.runtime.openvino import sparse_weights
 
     torch.set_num_threads(os.cpu_count())
+    keep_heap_small()  # as the drive node does
     model = load_model(model_dir).to(getattr(torch, dtype))
     started = time.perf_counter()
     ran = prepare(model, backend, dtype, serve_only=True)  # as the drive node holds it

@@ -190,7 +190,8 @@ def parser():
     s.add_argument("--question")
     s.add_argument("--max-new-tokens", type=POSITIVE, default=48)
     s.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="runtime: auto (the fastest installed), torch (eager), openvino (compiled), openvino-int8")
+                   help="runtime: auto (the fastest installed), torch (eager), torch-int8 (int8 weights, least "
+                        "memory), openvino (compiled), openvino-int8")
     s.set_defaults(func=cmd_answer)
 
     s = sub.add_parser("prune", help="prune a model (magnitude, Wanda, SparseGPT, ALPS; uniform, OWL or AlphaPruning allocation; unstructured or N:M)")
@@ -275,7 +276,8 @@ def parser():
     s.add_argument("--stride", type=POSITIVE, default=128)
     s.add_argument("--max-new-tokens", type=POSITIVE, default=40)
     s.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="runtime: auto (the fastest installed), torch (eager), openvino (compiled), openvino-int8")
+                   help="runtime: auto (the fastest installed), torch (eager), torch-int8 (int8 weights, least "
+                        "memory), openvino (compiled), openvino-int8")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("bench", help="methods x sparsities sweep -> results.md, results.json, plots")

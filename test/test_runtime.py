@@ -90,3 +90,44 @@ def test_serving_only_drops_the_torch_copy_of_the_compiled_decoder():
     assert all(p.device.type == "meta" for p in served.lm.base_model.layers.parameters())
     frames = frame_sets(2)
     assert served.answer(frames, QUESTIONS, max_new_tokens=8) == eager.answer(frames, QUESTIONS, max_new_tokens=8)
+
+
+def test_int8_linears_are_within_their_rounding_error_in_both_kernels():
+    from owled_ros.runtime.int8 import KERNEL_ROWS, Int8Linear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 40)
+    quantized = Int8Linear(dense.weight, dense.bias)
+    assert quantized.qweight.dtype == torch.int8 and quantized.qweight.abs().max() == 127
+    for rows in (2, KERNEL_ROWS + 5):  # the int8 kernel, then the dequantized product
+        x = torch.randn(rows, 96)
+        # half an int8 step per weight, and bfloat16's rounding (8 bits) of the input and the output
+        step = quantized.scales.float()[:, None] / 2 + dense.weight.detach().abs() / 2**7
+        bound = x.abs() @ step.T + dense(x).abs() / 2**7 + 1e-4
+        assert ((quantized(x) - dense(x)).abs() <= bound).all()
+    x = torch.randn(3, 7, 96)  # leading dimensions kept; both paths give the same product
+    assert quantized(x).shape == (3, 7, 40)
+    assert torch.allclose(quantized(x[:1, :2]), quantized(x)[:1, :2], atol=1e-5)
+
+
+def test_torch_int8_holds_every_linear_in_int8_and_still_answers(tmp_path):
+    model = tiny_decoder(seed=3)
+    fp32_bytes = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is torch.nn.Linear)
+    frames = frame_sets(2)
+    warnings = []
+    assert prepare(model, "torch-int8", warn=warnings.append) == "torch-int8" and not warnings
+    from owled_ros.runtime.int8 import Int8Embedding, Int8Linear
+
+    assert not [m for m in model.modules() if type(m) is torch.nn.Linear]
+    int8_bytes = sum(m.qweight.numel() for m in model.modules() if isinstance(m, Int8Linear))
+    assert int8_bytes * 4 == fp32_bytes
+    embeddings = model.lm.get_input_embeddings()  # tied: reads the output layer's table, no copy of its own
+    assert isinstance(embeddings, Int8Embedding) and embeddings.table is model.lm.get_output_embeddings()
+    answers = model.answer(frames, QUESTIONS, max_new_tokens=8)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert prepare(tiny_t5(tmp_path), "torch-int8", warn=warnings.append) == "torch-int8"  # T5: linears only
+    from hf_models import llava
+    from owled_ros.model import load_model
+
+    assert prepare(load_model(llava(tmp_path / "llava")), "torch-int8", warn=warnings.append) == "torch"
+    assert warnings == ["backend torch-int8 runs owled_ros models only; llava runs on torch eager"]

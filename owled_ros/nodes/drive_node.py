@@ -166,7 +166,7 @@ class DriveNode(LifecycleNode):
         self.declare_parameter("device", "cpu")
         # float32 | bfloat16: bfloat16 halves the decoding time here, but changes some answers (bench/drive_node.py)
         self.declare_parameter("dtype", "float32")
-        # auto: the fastest runtime installed (bench/runtime.py), named in the log; torch | openvino | openvino-int8
+        # auto: the fastest runtime installed (bench/runtime.py), named in the log; torch | torch-int8 (least memory) | openvino | openvino-int8
         self.declare_parameter("backend", "auto")
         # 0: all cores but one, which stays free for camera reception (with every core, 10 Hz cameras slowed
         # torch eager 7-fold on 2 cores: bench/drive_node.py)
@@ -249,11 +249,13 @@ class DriveNode(LifecycleNode):
         import torch
 
         from owled_ros.model import load_model
+        from owled_ros.model.checkpoint import keep_heap_small
         from owled_ros.model.sparse_kernels import to_semi_structured
         from owled_ros.runtime import prepare
 
         param = lambda name: self.get_parameter(name).value
         started = time.perf_counter()
+        keep_heap_small()
         self.model = load_model(param("model_dir")).to(param("device"), getattr(torch, param("dtype")))
         unknown = [name for _, name, _ in self.camera_config if name not in (self.model.cameras or [name])]
         if unknown:

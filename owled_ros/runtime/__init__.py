@@ -1,5 +1,6 @@
-"""Backends that run an already-pruned model: torch eager, or compiled for the CPU with OpenVINO (its fp32 or
-bf16 inference precision, or int8 weights through NNCF). prepare() installs the compiled parts into the model
+"""Backends that run an already-pruned model: torch eager, torch eager with int8 weights (torch-int8: the
+least memory), or compiled for the CPU with OpenVINO (its fp32 or bf16 inference precision, or int8 weights
+through NNCF). prepare() installs the compiled parts into the model
 (DrivingVLM.compiled) and says which backend runs; a backend that is missing or fails to compile leaves the
 model on torch eager with one warning. Pruning never imports this package."""
 import importlib.util
@@ -7,12 +8,14 @@ import logging
 
 import torch
 
-BACKENDS = ("auto", "torch", "openvino", "openvino-int8")
+from ..model.checkpoint import return_freed_memory
+
+BACKENDS = ("auto", "torch", "torch-int8", "openvino", "openvino-int8")
 log = logging.getLogger(__name__)
 
 
 def installed(backend):
-    module = {"torch": "torch", "openvino": "openvino", "openvino-int8": "nncf"}[backend]
+    module = {"torch": "torch", "torch-int8": "torch", "openvino": "openvino", "openvino-int8": "nncf"}[backend]
     return importlib.util.find_spec(module) is not None and (backend != "openvino-int8" or installed("openvino"))
 
 
@@ -37,6 +40,15 @@ def prepare(model, backend="auto", dtype="float32", threads=None, warn=log.warni
     if threads:
         torch.set_num_threads(threads)  # also what runs on torch after a fallback
     if backend == "torch":
+        return backend
+    if backend == "torch-int8":
+        if not hasattr(model, "compiled"):
+            warn(f"backend torch-int8 runs owled_ros models only; {model.model_id} runs on torch eager")
+            return "torch"
+        from .int8 import quantize
+
+        quantize(model)
+        return_freed_memory()
         return backend
     if not supports(model):
         warn(f"backend {backend} runs owled_ros decoder models only; {model.model_id} runs on torch eager")
