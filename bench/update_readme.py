@@ -57,11 +57,14 @@ def headline(root=ROOT):
     p50 = {(r["method"], r["backend"], r["dtype"]): r for r in runtime["rows"]}
     lines += ["", f"**Runtime** (perception + action answers for one frame set, p50 seconds; {cpu['model']}, "
               f"{cpu['cores']} cores):", "",
-              "| model | torch fp32 | OpenVINO fp32 | OpenVINO int8 weights | RSS MB (int8) |", "|---|---|---|---|---|"]
+              "| model | torch fp32 | torch int8 weights | OpenVINO fp32 | OpenVINO int8 weights | RSS MB torch fp32 | "
+              "RSS MB torch int8 |", "|---|---|---|---|---|---|---|"]
+    backends = ("torch", "torch-int8", "openvino", "openvino-int8")
     for method in dict.fromkeys(r["method"] for r in runtime["rows"]):
-        times = [p50.get((method, backend, "float32")) for backend in ("torch", "openvino", "openvino-int8")]
-        rss = f"{times[2]['rss_mb']:.0f}" if times[2] else "–"
-        lines.append(f"| {method} | " + " | ".join(f"{r['p50_s']:.2f}" if r else "–" for r in times) + f" | {rss} |")
+        measured = [p50.get((method, backend, "float32")) for backend in backends]
+        cells = [f"{r['p50_s']:.2f}" if r else "–" for r in measured] + [
+            f"{r['rss_mb']:.0f}" if r else "–" for r in measured[:2]]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     under = load["load"]
     lines += ["", f"**The drive node under load** (cameras at 10 Hz for {under['minutes']:g} minutes; "
               f"{load['machine']}): RSS growth after warm-up {under['rss_growth']:+.1%}, {under['worker_errors']} "

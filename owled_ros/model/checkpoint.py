@@ -108,8 +108,8 @@ def return_freed_memory():
 
 def keep_heap_small():
     """Serve every allocation above 128 KiB from its own mapping, which goes back to the OS when freed (glibc's
-    M_MMAP_THRESHOLD, fixed; free memory above 128 KiB at the heap's top returned too). Left to itself glibc raises that threshold as large blocks are freed and keeps
-    them in its heap: answering frame sets left about 150 MB more resident (torch-int8, bench/runtime.py).
+    M_MMAP_THRESHOLD, fixed), and return free memory above 128 KiB at the heap's top. Left to itself glibc
+    raises both thresholds as large blocks are freed and keeps them in its heap, resident after every prefill.
     Called by processes that only answer, before they load the model; no-op without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")

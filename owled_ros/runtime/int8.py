@@ -2,12 +2,12 @@
 output row (symmetric, rounded to nearest; a quarter of fp32's memory). A linear's input goes in as bfloat16
 and its output comes back in the model's dtype, so the residual stream, norms and attention stay as they were.
 Short inputs (a decoding pass) run torch's int8-weight kernel (aten._weight_int8pack_mm, the one torchao's
-int8 weight-only layout calls on CPUs; about 25 x slower with fp32 inputs than with bfloat16 ones on AVX-512),
+int8 weight-only layout calls on CPUs; with fp32 inputs it is slower than torch's fp32 product),
 longer ones (the prefill) a bfloat16 product with the weight dequantized one layer at a time. Tied token
 embeddings read the output layer's int8 table. Eager torch: no conversion, no new dependency.
 
-Sparsity itself does not shrink this further: a CSR form takes 0.9 x fp32's bytes at 70 % (int32 indices,
-bench/results/cpu_sparse.md) against int8's 0.25 x."""
+Sparsity itself does not shrink this further: a CSR weight at 70 % (values and int32 indices) takes more than
+int8's quarter of the dense bytes (bench/results/cpu_sparse.md)."""
 import torch
 from torch import nn
 from torch.nn import functional as F
