@@ -8,6 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["owled_ros", "owled_ros.*"]),
     package_data={"owled_ros": ["data/text/*.txt", "data/text/*.md", "data/demo_world/*/*.*", "data/demo_world/*/frames/*.jpg",
+                               "data/demo_calib/*/*.*", "data/demo_calib/*/frames/*.jpg",
                                "model/*.safetensors"]},
     install_requires=[
         "torch==2.13.0",

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from owled_ros.data.calib import read_samples
 from owled_ros.data.metadrive_world import DEMO_FRAMES
 from owled_ros.data.world import ACTION_TEXT
+from owled_ros.eval.parse import VEHICLE, parse_count
 from owled_ros.model.build import DEFAULT_SHA256, DEFAULT_WEIGHTS, LORA, load_default, load_smollm2, resolve_model, sha256
 from owled_ros.model.vlm import DrivingVLM, ModelLoadError
 
@@ -114,3 +115,31 @@ def test_guesses_from_earlier_answers_give_the_same_answers_in_fewer_passes(defa
     again = {}
     assert default.answer([images, images], questions, 48, again, history, draft_tokens=4) == expected
     assert again["decode_steps"] == math.ceil((plain["decode_tokens"] - 1) / 5) < plain["decode_steps"]
+
+
+def test_the_demo_calibrates_on_other_scenes_than_it_judges_and_scores_the_answers():
+    from builtin_interfaces.msg import Time
+    from std_msgs.msg import Header
+
+    from owled_ros.data.metadrive_world import DEMO_CALIB
+    from owled_ros.msg import PerceptionDescription, PredictedAction
+    from owled_ros.nodes.demo import judged
+
+    calibration, scenes = read_samples(DEMO_CALIB), read_samples(DEMO_FRAMES)
+    assert len(calibration) == 16 and not {s.source for s in calibration} & {s.source for s in scenes}  # maps
+    truth = {(i + 1) * 10**9: s.qa for i, s in enumerate(scenes[:3])}
+    said = lambda t, kind: next(p["answer"] for p in truth[t] if p["kind"] == kind)
+    header = lambda t: Header(stamp=Time(sec=t // 10**9))
+    first, second, third = truth
+    perceptions = [PerceptionDescription(header=header(first), description=said(first, "perception")),
+                   PerceptionDescription(header=header(second), description="There are 7 vehicles within 30 meters. "
+                                                                           "The traffic light is purple.")]
+    actions = [PredictedAction(header=header(first), rationale=said(first, "planning")),
+               PredictedAction(header=header(second), rationale="Turn left.")]
+    rows, score = judged(perceptions, actions, truth)
+    assert [row[0] for row in rows] == [first, second]  # the third was never answered
+    assert rows[0][1:] == (said(first, "perception"), said(first, "planning"), said(first, "perception"),
+                           said(first, "planning"))
+    expected_mae = abs(7 - parse_count(said(second, "perception"), VEHICLE)) / 2
+    assert score == {"frame_sets_answered": 2, "actions_right": 1, "actions": 2, "lights_right": 1, "lights": 2,
+                     "vehicle_count_mae": round(expected_mae, 2)}

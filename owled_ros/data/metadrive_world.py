@@ -37,6 +37,9 @@ MAP_SEEDS = 200  # distinct procedural maps for training scenes; held-out scenes
 HELDOUT_SEED = 1_000_000  # scene seeds from here on are held out (evaluation, demo, bench)
 # shipped: 12 held-out scenes, `owled calib world DIR --count 12 --seed 2000000 --shard-size 12`
 DEMO_FRAMES = Path(__file__).with_name("demo_world")
+# shipped: 16 other held-out scenes, on maps the demo's scenes do not use, that the demo calibrates on:
+# `owled calib world DIR --count 16 --seed 2100064 --shard-size 16`
+DEMO_CALIB = Path(__file__).with_name("demo_calib")
 WARMUP_STEPS = (5, 40)  # physics steps of traffic before the cameras fire
 MOVING_MPS = 0.5
 LIGHT_STATUS = {1: "green", 2: "red", 3: "yellow"}  # TrafficLightStatus

@@ -1,5 +1,6 @@
-"""`owled demo`: a drive through held-out MetaDrive scenes (shipped frame sets, as a rosbag2) -> recorder node ->
-OWLed pruning -> drive node on the pruned model, its answers printed beside the scenes' ground truth."""
+"""`owled demo`: a calibration drive through MetaDrive scenes (shipped frame sets, as a rosbag2) -> recorder node ->
+OWLed pruning -> drive node on the pruned model through other, held-out scenes, its answers printed beside
+their ground truth and scored."""
 import json
 import os
 import shutil
@@ -15,7 +16,8 @@ from diagnostic_msgs.msg import DiagnosticArray
 
 from owled_ros.data.bags import carla_topics, write_drive
 from owled_ros.data.calib import read_samples
-from owled_ros.data.metadrive_world import DEMO_FRAMES
+from owled_ros.data.metadrive_world import DEMO_CALIB, DEMO_FRAMES
+from owled_ros.eval.parse import VEHICLE, parse_action, parse_count, parse_light
 from owled_ros.model.build import resolve_model
 from owled_ros.msg import PerceptionDescription, PredictedAction, QAAnswer, Question
 from owled_ros.pruning.run import prune
@@ -58,6 +60,25 @@ def stamp(message):
     return message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
 
 
+def judged(perceptions, actions, truth):
+    """The drive node's answers to each judged frame set (matched by stamp) beside the truth: rows of (stamp,
+    perception, its truth, action answer, its truth), and the score of the answered ones: actions and lights
+    right, the vehicle count's mean absolute error."""
+    answers = {stamp(m): [m.description, None] for m in perceptions}
+    for m in actions:
+        answers.setdefault(stamp(m), [None, None])[1] = m.rationale
+    reference = lambda t, kind: next((p["answer"] for p in truth.get(t, []) if p["kind"] == kind), "")
+    rows = [(t, *answers[t], reference(t, "perception"), reference(t, "planning")) for t in truth if t in answers]
+    perceived = [(seen, truth_) for _, seen, _, truth_, _ in rows if seen is not None]
+    acted = [(said, truth_) for _, _, said, _, truth_ in rows if said is not None]
+    counts = [(parse_count(seen, VEHICLE), parse_count(truth_, VEHICLE)) for seen, truth_ in perceived]
+    errors = [abs((a or 0) - b) for a, b in counts if b is not None]
+    return rows, {"frame_sets_answered": len(rows),
+                  "actions_right": sum(parse_action(a) == parse_action(b) for a, b in acted), "actions": len(acted),
+                  "lights_right": sum(parse_light(a) == parse_light(b) for a, b in perceived), "lights": len(perceived),
+                  "vehicle_count_mae": round(sum(errors) / len(errors), 2) if errors else None}
+
+
 def run_demo(workdir, sparsity="0.5"):
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     if dds_profile():  # before this process's first DDS participant; the nodes and the player inherit it
@@ -71,18 +92,22 @@ def run_demo(workdir, sparsity="0.5"):
     timings["model"] = time.monotonic() - start
 
     step = time.monotonic()
+    calibration = read_samples(DEMO_CALIB)
+    calibration_bag = write_drive(workdir / "calibration_bag", ((START_NS + i * 500_000_000, s.images())
+                                                                for i, s in enumerate(calibration)))
     scenes = read_samples(DEMO_FRAMES)
     truth = {START_NS + i * 500_000_000: s.qa for i, s in enumerate(scenes)}  # frame sets 0.5 s apart
     bag = write_drive(workdir / "drive_bag", ((t, s.images()) for t, s in zip(truth, scenes)))
-    print(f"[1/4] wrote a {len(scenes)}-frame 6-camera drive through held-out MetaDrive scenes: {bag}")
+    print(f"[1/4] wrote two 6-camera drives through MetaDrive scenes: a calibration drive ({len(calibration)} frame "
+          f"sets) and a drive through {len(scenes)} other, held-out scenes to judge the model on")
     recorder = node_process("owled_ros.nodes.recorder_node", {"output_dir": workdir / "calibration",
                                                                "vehicle_id": "demo", "min_interval_s": 0.4,
                                                                "shard_size": 8, "camera_reliability": "reliable"}, log)
-    replay(bag, log)
+    replay(calibration_bag, log)
     stop(recorder)
     recorded = len(read_samples(workdir / "calibration"))
     timings["record"] = time.monotonic() - step
-    print(f"[2/4] recorder node kept {recorded} frame sets in {workdir / 'calibration'}")
+    print(f"[2/4] recorder node kept {recorded} frame sets of the calibration drive in {workdir / 'calibration'}")
 
     step = time.monotonic()
     # OWL allocation with SparseGPT: at 50 % the sweep's method that keeps the answers (Wanda-scored ones lose them)
@@ -122,15 +147,12 @@ def run_demo(workdir, sparsity="0.5"):
     timings["drive"] = time.monotonic() - step
     print("[4/4] drive node on the pruned model answered while the bag replayed\n")
 
-    reference = lambda message, kind: next((p["answer"] for p in truth.get(stamp(message), []) if p["kind"] == kind), "?")
-    for message in received["perception"]:
-        print(f"perception @{stamp(message) / 1e9:.1f}: {message.description!r} ({message.latency_s:.2f} s)\n"
-              f"     truth: {reference(message, 'perception')!r}")
-    for message in received["action"]:
-        print(f"action     @{stamp(message) / 1e9:.1f}: {message.action_label} - {message.rationale!r}\n"
-              f"     truth: {reference(message, 'planning')!r}")
+    rows, score = judged(received["perception"], received["action"], truth)
+    for t, seen, said, seen_truth, said_truth in rows:
+        print(f"@{t / 1e9:.1f} perception: {seen!r}\n        truth: {seen_truth!r}\n"
+              f"       action: {said!r}\n        truth: {said_truth!r}")
     for message in received["answers"]:
-        print(f"answer     [{message.question_id}] {message.question} -> {message.answer!r}")
+        print(f"answer [{message.question_id}] {message.question} -> {message.answer!r}")
     latencies = [m.latency_s for m in received["perception"]]
     node_stats = {kv.key: kv.value for kv in statuses[-1].values} if statuses else {}
     backend = node_stats.get("backend")
@@ -138,12 +160,15 @@ def run_demo(workdir, sparsity="0.5"):
                "never made (their views dropped)": int(node_stats.get("unmade_frame_sets", 0)),
                **{f"views {k.split('.', 1)[1]}": int(v) for k, v in node_stats.items() if k.startswith("dropped_views.")}}
     print(f"runtime backend of the drive node: {backend}")
-    print(f"frame sets: {len(scenes)} in the drive, {len(latencies)} answered, dropped: "
-          + (", ".join(f"{n} {why}" for why, n in dropped.items()) or "none"))
+    print(f"score: actions right {score['actions_right']}/{score['actions']}, lights right {score['lights_right']}/"
+          f"{score['lights']}, vehicle count MAE {score['vehicle_count_mae']}; frame sets answered "
+          f"{score['frame_sets_answered']} of {len(scenes)}, dropped: "
+          + (", ".join(f"{n} {why}" for why, n in dropped.items() if n) or "none"))
     summary = {"model": received["perception"][0].model.model_id if latencies else None, "backend": backend,
                "sparsity_llm": round(report["achieved"]["pruned_components"], 4),
                "size_mb_dense": round(size_mb(dense), 1), "size_mb_pruned": round(size_mb(workdir / "pruned"), 1),
-               "frame_sets": len(scenes), "frame_sets_processed": len(latencies), "dropped": dropped,
+               "calibration_frame_sets": recorded, "frame_sets": len(scenes), "frame_sets_processed": len(latencies),
+               "dropped": dropped, "score": score,
                "latency_p50_s": round(float(np.percentile(latencies, 50)), 2) if latencies else None,
                "latency_p95_s": round(float(np.percentile(latencies, 95)), 2) if latencies else None,
                "seconds": {k: round(v, 1) for k, v in timings.items()}}
