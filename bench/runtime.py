@@ -1,10 +1,10 @@
 """Runtime backends side by side, one run: the default model dense, OWLed-SparseGPT 50 % and 70 % and SparseGPT
 2:4 (calibrated on 12 shipped MetaDrive frame sets) on torch eager and OpenVINO (fp32, int8 weights; bf16 for
-dense). Each row is its own process (its own resident memory), answers the perception and action questions for
+dense; OpenVINO also with int8 weights and activations, w8a8). Each row is its own process (its own resident memory), answers the perception and action questions for
 each held-out frame set as the drive node does (guesses from earlier answers off, so that the rows compare the
 runtimes alone), and counts the answers that equal torch eager fp32's on the same model. Every sparse row says
-whether it beat dense in its backend (paired over the frame sets, sign test) and whether OpenVINO's sparse
-weights decompression ran (int8 on CPUs with AMX only).
+whether it beat dense in its backend (paired over the frame sets, sign test) and how many of the decoder's
+linears OpenVINO ran with sparse weights (its exec graph's kernels; w8a8 on CPUs with AMX only).
 
     .venv/bin/python bench/runtime.py --frames bench/results/work-world-heldout --out bench/results   # ~25 min
 """
@@ -24,8 +24,9 @@ from results_io import cpu, write_results  # noqa: E402
 
 QUESTIONS = ["What are the important objects in the current scene?", "What should the ego vehicle do?"]
 DENSE_CONFIGS = [("torch", "float32"), ("torch", "bfloat16"), ("torch-int8", "float32"), ("openvino", "float32"),
-                 ("openvino", "bfloat16"), ("openvino-int8", "float32")]
-SPARSE_CONFIGS = [("torch", "float32"), ("torch-int8", "float32"), ("openvino", "float32"), ("openvino-int8", "float32")]
+                 ("openvino", "bfloat16"), ("openvino-int8", "float32"), ("openvino-w8a8", "float32")]
+SPARSE_CONFIGS = [("torch", "float32"), ("torch-int8", "float32"), ("openvino", "float32"), ("openvino-int8", "float32"),
+                  ("openvino-w8a8", "float32")]
 # (row label, sparsity, `owled prune` arguments)
 PRUNED = [("owled-sparsegpt 50 %", 0.5, ["--method", "owled-sparsegpt", "--sparsity", "0.5"]),
           ("owled-sparsegpt 70 %", 0.7, ["--method", "owled-sparsegpt", "--sparsity", "0.7"]),
@@ -41,7 +42,7 @@ def one_row(model_dir, backend, dtype, frames, count):
     from owled_ros.model import load_model
     from owled_ros.model.checkpoint import keep_heap_small
     from owled_ros.runtime import prepare
-    from owled_ros.runtime.openvino import sparse_weights
+    from owled_ros.runtime.openvino import kernels
 
     torch.set_num_threads(os.cpu_count())
     keep_heap_small()  # as the drive node does
@@ -59,8 +60,9 @@ def one_row(model_dir, backend, dtype, frames, count):
         first.append(timing["encode_s"] + timing["prefill_s"])
         per_token.append(timing["decode_s"] / max(1, timing["decode_tokens"] - 1))
     seconds, first, per_token = seconds[1:], first[1:], per_token[1:]  # the first set warms up
-    return {"backend": ran, "dtype": dtype, "compile_s": round(compile_s, 1), "seconds": seconds,
-            "sparse_weights": ran == "openvino-int8" and sparse_weights(model, True), "p50_s": float(np.median(seconds)),
+    ran_kernels = kernels(model.compiled["decoder"].runtime) if ran.startswith("openvino") else {}
+    return {"backend": ran, "dtype": dtype, "compile_s": round(compile_s, 1), "seconds": seconds, "kernels": ran_kernels,
+            "sparse_weights": sum(n for k, n in ran_kernels.items() if "sparse" in k), "p50_s": float(np.median(seconds)),
             "p95_s": float(np.percentile(seconds, 95)), "first_token_s": float(np.median(first)),
             "decode_ms_per_token": 1000 * float(np.median(per_token)),
             "rss_mb": psutil.Process().memory_info().rss / 2**20, "answers": answers[1:]}
@@ -83,9 +85,9 @@ def markdown(summary):
              "× dense: p50 against the dense model in the same backend and dtype; faster: whether the sparse model was "
              "faster on more frame sets than chance allows (paired, two-sided sign test, p < 0.05); the time of a frame set includes its answers' length, so a pruned "
              "model that answers in fewer tokens finishes sooner with no faster kernel: decode ms/token compares the "
-             "kernels. sparse weights: OpenVINO's sparse "
-             "weights decompression ran (int8 on AMX CPUs; elsewhere not available, and the sparse model runs dense "
-             "kernels).", ""]
+             "kernels. sparse weights: the decoder's linears that OpenVINO ran with its sparse weights decompression, "
+             "of all its linears (w8a8 on AMX CPUs only, for linears at least 50 % zeros; weight-only int8 runs dense "
+             "kernels; not available on CPUs without AMX).", ""]
     header = ["model", "backend", "dtype", "p50 s", "× torch fp32", "× dense", "faster than dense", "sparse weights",
               "first token s", "decode ms/token", "RSS MB", "agree", "compile s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -93,8 +95,8 @@ def markdown(summary):
         base = next(b for b in summary["rows"] if b["method"] == r["method"] and b["backend"] == "torch" and b["dtype"] == "float32")
         dense = next(b for b in summary["rows"] if b["method"] == "dense" and b["backend"] == r["backend"] and b["dtype"] == r["dtype"])
         sparse = r["method"] != "dense"
-        weights = ("yes" if r["sparse_weights"] else "not available" if "amx_int8" not in summary["cpu"]["flags"] else "no") \
-            if sparse and r["backend"] == "openvino-int8" else "—"
+        weights = "—" if not (sparse and r.get("kernels")) else "not available" if "amx_int8" not in summary["cpu"]["flags"] \
+            else f"{r['sparse_weights']}/{sum(r['kernels'].values())}"
         cells = [r["method"], r["backend"], r["dtype"], f"{r['p50_s']:.2f}", f"{r['p50_s'] / base['p50_s']:.2f}",
                  f"{r['p50_s'] / dense['p50_s']:.2f}" if sparse else "—", faster(r, dense) if sparse else "—", weights,
                  f"{r['first_token_s']:.3f}", f"{r['decode_ms_per_token']:.0f}", f"{r['rss_mb']:.0f}", f"{r['agree']:.2f}",

@@ -191,7 +191,7 @@ def parser():
     s.add_argument("--max-new-tokens", type=POSITIVE, default=48)
     s.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="runtime: auto (the fastest installed), torch (eager), torch-int8 (int8 weights, least "
-                        "memory), openvino (compiled), openvino-int8")
+                        "memory), openvino (compiled), openvino-int8 (int8 weights), openvino-w8a8 (int8 weights and activations: AMX, sparse)")
     s.set_defaults(func=cmd_answer)
 
     s = sub.add_parser("prune", help="prune a model (magnitude, Wanda, SparseGPT, ALPS; uniform, OWL or AlphaPruning allocation; unstructured or N:M)")
@@ -277,7 +277,7 @@ def parser():
     s.add_argument("--max-new-tokens", type=POSITIVE, default=40)
     s.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="runtime: auto (the fastest installed), torch (eager), torch-int8 (int8 weights, least "
-                        "memory), openvino (compiled), openvino-int8")
+                        "memory), openvino (compiled), openvino-int8 (int8 weights), openvino-w8a8 (int8 weights and activations: AMX, sparse)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("bench", help="methods x sparsities sweep -> results.md, results.json, plots")

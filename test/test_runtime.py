@@ -83,6 +83,36 @@ def test_the_drive_node_runs_on_the_fastest_backend_installed_and_names_it(tmp_p
         peer.close()
 
 
+def prune_half(model):
+    """Every decoder linear at least 50 % zeros (the smallest magnitudes), marked as a pruned model."""
+    for linear in model.lm.base_model.layers.modules():
+        if isinstance(linear, torch.nn.Linear):
+            weight = linear.weight.data
+            weight[weight.abs() <= weight.abs().median()] = 0
+    model.config["compression"] = {"method": "magnitude", "sparsity": 0.5}
+    return model
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_w8a8_runs_the_decoder_linears_as_int8_kernels_and_answers_as_torch_eager(pruned):
+    pytest.importorskip("nncf")
+    from owled_ros.runtime.openvino import has_amx, kernels
+
+    eager, compiled = tiny_decoder(seed=1), tiny_decoder(seed=1)
+    if pruned:
+        prune_half(eager), prune_half(compiled)
+    warnings = []
+    assert prepare(compiled, "openvino-w8a8", warn=warnings.append) == "openvino-w8a8" and not warnings
+    frames = frame_sets(2)
+    assert compiled.answer(frames, QUESTIONS, max_new_tokens=12, draft_tokens=0) == \
+        eager.answer(frames, QUESTIONS, max_new_tokens=12, draft_tokens=0)
+    ran = kernels(compiled.compiled["decoder"].runtime)
+    assert sum(ran.values()) == 1 + 7 * compiled.lm.config.num_hidden_layers  # the head, and 7 per block
+    assert all(kernel.lower().endswith("_i8") for kernel in ran), ran
+    # OpenVINO's sparse weights decompression: AMX CPUs, pruned models only
+    assert any("sparse" in kernel for kernel in ran) == (pruned and has_amx()), ran
+
+
 def test_serving_only_drops_the_torch_copy_of_the_compiled_decoder():
     pytest.importorskip("openvino")
     eager, served = tiny_decoder(seed=2), tiny_decoder(seed=2)

@@ -166,7 +166,7 @@ class DriveNode(LifecycleNode):
         self.declare_parameter("device", "cpu")
         # float32 | bfloat16: bfloat16 halves the decoding time here, but changes some answers (bench/drive_node.py)
         self.declare_parameter("dtype", "float32")
-        # auto: the fastest runtime installed (bench/runtime.py), named in the log; torch | torch-int8 (least memory) | openvino | openvino-int8
+        # auto: the fastest runtime installed (bench/runtime.py), named in the log; torch | torch-int8 (least memory) | openvino | openvino-int8 | openvino-w8a8
         self.declare_parameter("backend", "auto")
         # 0: all cores but one, which stays free for camera reception (with every core, 10 Hz cameras slowed
         # torch eager 7-fold on 2 cores: bench/drive_node.py)

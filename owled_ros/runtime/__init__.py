@@ -1,6 +1,6 @@
 """Backends that run an already-pruned model: torch eager, torch eager with int8 weights (torch-int8: the
-least memory), or compiled for the CPU with OpenVINO (its fp32 or bf16 inference precision, or int8 weights
-through NNCF). prepare() installs the compiled parts into the model
+least memory), or compiled for the CPU with OpenVINO (its fp32 or bf16 inference precision, int8 weights
+through NNCF, or int8 weights and activations: w8a8, AMX's int8 and sparse kernels). prepare() installs the compiled parts into the model
 (DrivingVLM.compiled) and says which backend runs; a backend that is missing or fails to compile leaves the
 model on torch eager with one warning. Pruning never imports this package."""
 import importlib.util
@@ -10,13 +10,15 @@ import torch
 
 from ..model.checkpoint import return_freed_memory
 
-BACKENDS = ("auto", "torch", "torch-int8", "openvino", "openvino-int8")
+BACKENDS = ("auto", "torch", "torch-int8", "openvino", "openvino-int8", "openvino-w8a8")
+# the OpenVINO backends: quantization of the decoder's linears (runtime/openvino.py)
+OPENVINO = {"openvino": None, "openvino-int8": "int8", "openvino-w8a8": "w8a8"}
 log = logging.getLogger(__name__)
 
 
 def installed(backend):
-    module = {"torch": "torch", "torch-int8": "torch", "openvino": "openvino", "openvino-int8": "nncf"}[backend]
-    return importlib.util.find_spec(module) is not None and (backend != "openvino-int8" or installed("openvino"))
+    module = "torch" if backend.startswith("torch") else "nncf" if OPENVINO[backend] else "openvino"
+    return importlib.util.find_spec(module) is not None and (module != "nncf" or installed("openvino"))
 
 
 def fastest(model):
@@ -54,13 +56,13 @@ def prepare(model, backend="auto", dtype="float32", threads=None, warn=log.warni
         warn(f"backend {backend} runs owled_ros decoder models only; {model.model_id} runs on torch eager")
         return "torch"
     if not installed(backend):
-        warn(f"backend {backend} is not installed (pip install openvino{' nncf' if backend.endswith('int8') else ''}); "
+        warn(f"backend {backend} is not installed (pip install openvino{' nncf' if OPENVINO[backend] else ''}); "
              "running torch eager")
         return "torch"
     from .openvino import compile_model
 
     try:
-        model.compiled.update(compile_model(model, dtype, int8=backend.endswith("int8"), threads=threads))
+        model.compiled.update(compile_model(model, dtype, OPENVINO[backend], threads=threads))
     except Exception as error:  # noqa: BLE001 -- any conversion failure falls back, named
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         warn(f"backend {backend} could not compile {model.model_id} ({type(error).__name__}: {first}); running torch eager")
