@@ -56,10 +56,10 @@ def headline(root=ROOT):
     cpu = runtime["cpu"]
     p50 = {(r["method"], r["backend"], r["dtype"]): r for r in runtime["rows"]}
     lines += ["", f"**Runtime** (perception + action answers for one frame set, p50 seconds; {cpu['model']}, "
-              f"{cpu['cores']} cores):", "",
-              "| model | torch fp32 | torch int8 weights | OpenVINO fp32 | OpenVINO int8 weights | RSS MB torch fp32 | "
-              "RSS MB torch int8 |", "|---|---|---|---|---|---|---|"]
-    backends = ("torch", "torch-int8", "openvino", "openvino-int8")
+              f"{', '.join(cpu['flags'])}; {cpu['cores']} cores):", "",
+              "| model | torch fp32 | torch int8 weights | OpenVINO fp32 | OpenVINO int8 weights | OpenVINO int8 "
+              "weights and activations | RSS MB torch fp32 | RSS MB torch int8 |", "|---|---|---|---|---|---|---|---|"]
+    backends = ("torch", "torch-int8", "openvino", "openvino-int8", "openvino-w8a8")
     for method in dict.fromkeys(r["method"] for r in runtime["rows"]):
         measured = [p50.get((method, backend, "float32")) for backend in backends]
         cells = [f"{r['p50_s']:.2f}" if r else "–" for r in measured] + [
