@@ -124,7 +124,7 @@ def cmd_eval(args):
         return
     if not model.sees_images:
         raise ValueError(f"{model.model_id} is a text-only model: only perplexity applies (--text FILE)")
-    prepare(model, args.backend)
+    prepare(model, args.backend, exact=True)
     if args.frames is None:
         args.frames = str(Path(args.workdir) / "eval")
         if not Path(args.frames).exists():
@@ -276,7 +276,7 @@ def parser():
     s.add_argument("--stride", type=POSITIVE, default=128)
     s.add_argument("--max-new-tokens", type=POSITIVE, default=40)
     s.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="runtime: auto (the fastest installed), torch (eager), torch-int8 (int8 weights, least "
+                   help="runtime: auto (the fastest installed that answers as torch eager fp32 does), torch (eager), torch-int8 (int8 weights, least "
                         "memory), openvino (compiled), openvino-int8 (int8 weights), openvino-w8a8 (int8 weights and activations: AMX, sparse)")
     s.set_defaults(func=cmd_eval)
 

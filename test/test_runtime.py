@@ -7,7 +7,7 @@ import torch
 
 from models import tiny_decoder, tiny_t5
 from owled_ros.data.world import CAMERAS, render, sample_scene
-from owled_ros.runtime import prepare
+from owled_ros.runtime import installed, prepare
 
 QUESTIONS = ["What should the ego vehicle do?", "What are the important objects in the current scene?"]
 
@@ -53,6 +53,12 @@ def test_a_backend_that_cannot_run_falls_back_to_torch_with_one_warning(tmp_path
         prepare(model, "tensorrt")
 
 
+def test_auto_takes_int8_weights_unless_the_answers_must_be_torch_fp32s():
+    pytest.importorskip("nncf")
+    assert prepare(tiny_decoder(), "auto") == "openvino-int8"
+    assert prepare(tiny_decoder(), "auto", exact=True) == "openvino"
+
+
 def test_the_drive_node_runs_on_the_fastest_backend_installed_and_names_it(tmp_path):
     pytest.importorskip("openvino")
     from diagnostic_msgs.msg import DiagnosticArray
@@ -75,9 +81,10 @@ def test_the_drive_node_runs_on_the_fastest_backend_installed_and_names_it(tmp_p
         assert peer.received["/owled/action"], (tmp_path / "node.log").read_text()
         backend = lambda: [kv.value for a in peer.received["/diagnostics"] for s in a.status for kv in s.values if kv.key == "backend"]
         peer.spin(5, until=backend)
-        assert backend()[-1] == "openvino"
+        fastest = "openvino-int8" if installed("openvino-int8") else "openvino"
+        assert backend()[-1] == fastest
         threads = max(1, len(os.sched_getaffinity(0)) - 1)  # one core stays free for camera reception
-        assert f"runtime backend: openvino (float32, {threads} inference threads" in (tmp_path / "node.log").read_text()
+        assert f"runtime backend: {fastest} (float32, {threads} inference threads" in (tmp_path / "node.log").read_text()
     finally:
         assert stop_node(node) == 0, (tmp_path / "node.log").read_text()
         peer.close()

@@ -21,24 +21,28 @@ def installed(backend):
     return importlib.util.find_spec(module) is not None and (module != "nncf" or installed("openvino"))
 
 
-def fastest(model):
-    """The fastest backend installed for this model (bench/runtime.py measures the order): OpenVINO where it
-    is installed and the model is one of our decoder models, else torch eager."""
-    return "openvino" if supports(model) and installed("openvino") else "torch"
+def fastest(model, exact=False):
+    """The fastest backend installed for this model, as bench/runtime.py measured it on both CPUs it ran on:
+    OpenVINO with int8 weights, then OpenVINO fp32, then torch eager. exact: only a backend that answers as
+    torch eager fp32 does (evaluation, where int8's rounding would blur what pruning did)."""
+    if not supports(model) or not installed("openvino"):
+        return "torch"
+    return "openvino-int8" if not exact and installed("openvino-int8") else "openvino"
 
 
 def supports(model):
     return hasattr(model, "compiled") and not getattr(model, "is_t5", True)
 
 
-def prepare(model, backend="auto", dtype="float32", threads=None, warn=log.warning, serve_only=False):
+def prepare(model, backend="auto", dtype="float32", threads=None, warn=log.warning, serve_only=False, exact=False):
     """Compile `model` for `backend` in place; returns the backend that runs it ('torch' after a fallback).
     threads: intra-op threads of whichever backend runs it (default: the backend's own, every core).
     serve_only: the model will only answer (the drive node): the torch copies of what the backend compiled are
-    dropped, so the process holds the weights once (teacher-forced scoring and pruning need them)."""
+    dropped, so the process holds the weights once (teacher-forced scoring and pruning need them).
+    exact: `auto` takes the fastest backend that answers as torch eager fp32 does."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    backend = fastest(model) if backend == "auto" else backend
+    backend = fastest(model, exact) if backend == "auto" else backend
     if threads:
         torch.set_num_threads(threads)  # also what runs on torch after a fallback
     if backend == "torch":
