@@ -102,7 +102,7 @@ def cmd_calib_pull(args):
 def cmd_replay(args):
     from .nodes.replay import replay
 
-    replay(args.bag, args.rate, args.loop, args.topics, args.wait_subscribers)
+    replay(args.bag, args.rate, args.loop, args.topics, args.wait_subscribers, args.wait_timeout)
 
 
 def cmd_demo(args):
@@ -261,7 +261,9 @@ def parser():
     s.add_argument("--rate", type=number(float, 0.0, open_low=True), default=1.0)
     s.add_argument("--loop", action="store_true")
     s.add_argument("--topics", nargs="+")
-    s.add_argument("--wait-subscribers", type=COUNT, default=0, help="wait (up to 30 s) for this many subscribers per topic")
+    s.add_argument("--wait-subscribers", type=COUNT, default=0, help="wait for this many subscribers per topic")
+    s.add_argument("--wait-timeout", type=number(float, 0.0, open_low=True), default=30.0,
+                   help="seconds --wait-subscribers waits at most before publishing anyway")
     s.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("eval", help="driving + language metrics on a QA set, or perplexity on a text")

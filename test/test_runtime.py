@@ -129,6 +129,25 @@ def test_serving_only_drops_the_torch_copy_of_the_compiled_decoder():
     assert served.answer(frames, QUESTIONS, max_new_tokens=8) == eager.answer(frames, QUESTIONS, max_new_tokens=8)
 
 
+def test_the_converted_model_cache_keeps_the_entries_used_last_of_models_that_still_exist(tmp_path):
+    pytest.importorskip("openvino")
+    from owled_ros.runtime.openvino import evict
+
+    models, root = tmp_path / "models", tmp_path / "openvino"
+    for i in range(5):
+        (models / str(i)).mkdir(parents=True)
+        (models / str(i) / "model.safetensors").write_text("w")
+        (root / f"entry{i}").mkdir(parents=True)
+        (root / f"entry{i}" / "source").write_text(str(models / str(i) / "model.safetensors"))
+        os.utime(root / f"entry{i}" / "source", (1000 + i, 1000 + i))
+    (models / "4" / "model.safetensors").unlink()  # entry4, the newest, is of a model deleted since
+    (root / "older-version").mkdir()  # no source file, made long ago
+    os.utime(root / "older-version", (1000, 1000))
+    (root / "being-made").mkdir()  # no source file yet, made just now
+    evict(root, keep=2)
+    assert sorted(e.name for e in root.iterdir()) == ["being-made", "entry2", "entry3"]
+
+
 def test_int8_linears_are_within_their_rounding_error_in_both_kernels():
     from owled_ros.runtime.int8 import KERNEL_ROWS, Int8Linear
 

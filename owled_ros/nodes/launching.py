@@ -25,9 +25,12 @@ def input_actions():
         DeclareLaunchArgument("dds_profile", default_value=share_file("config", "fastdds.xml"),
                               description="Fast DDS XML profile (shared memory sized for raw camera frames)"),
         SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile")),
-        # waits (up to 30 s) for the node's subscription so that no frame is published into the void
+        DeclareLaunchArgument("wait_timeout", default_value="300",
+                              description="seconds the replay waits for the node's subscription (the node subscribes "
+                                          "once its model is loaded and compiled)"),
+        # waits for the node's subscription so that no frame is published into the void
         ExecuteProcess(cmd=[ExecutableInPackage("owled", "owled_ros"), "replay", bag, "--rate", rate,
-                            "--wait-subscribers", "1"],
+                            "--wait-subscribers", "1", "--wait-timeout", LaunchConfiguration("wait_timeout")],
                        name="owled_replay", output="screen",
                        condition=IfCondition(PythonExpression(["'", source, "' == 'bag'"]))),
     ]

@@ -51,6 +51,9 @@ def replay(bag, rate=1.0, loop=False, topics=None, wait_subscribers=0, wait_time
         while (min(p.get_subscription_count() for p in publishers.values()) < wait_subscribers
                and time.monotonic() < end and not stop.is_set()):
             rclpy.spin_once(node, timeout_sec=0.05)
+        missing = [t for t, p in publishers.items() if p.get_subscription_count() < wait_subscribers]
+        if missing and not stop.is_set():
+            log(f"no {wait_subscribers} subscriber(s) after {wait_timeout:g} s on {missing}: publishing anyway")
         if wait_subscribers:
             stop.wait(0.5)  # discovery is one-sided for a moment: the readers may not know this writer yet
         while not stop.is_set():

@@ -5,6 +5,8 @@ transformers). The decoder's linears optionally in int8 through NNCF (QUANTIZATI
 calibrated on the shipped calibration drive), which AMX CPUs run as int8 matrix products and, for pruned
 weights, as sparse ones. The decoding loop, prompt-lookup guesses included, stays DrivingVLM.answer's own."""
 import hashlib
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ QUANTIZATION = (None, "int8", "w8a8")
 # OpenVINO runs w8a8 linears at least this sparse with its sparse weights decompression, on CPUs with AMX only
 # (weight-only int8 runs its dense kernels whatever the sparsity)
 SPARSE_RATE = 0.5
+CACHE_ENTRIES = 8  # converted models kept in the cache
 CALIBRATION_SETS = 4  # frame sets of the shipped calibration drive whose decoder inputs calibrate w8a8
 
 
@@ -138,7 +141,30 @@ def ir_cache(model, quantization):
         return None
     stat = weights.stat()
     key = f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{quantization}|{ov.__version__}|{__version__}"
-    return cache_dir() / "openvino" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = cache_dir() / "openvino"
+    entry = root / hashlib.sha256(key.encode()).hexdigest()[:16]
+    entry.mkdir(parents=True, exist_ok=True)
+    (entry / "source").write_text(str(weights.resolve()))  # also marks the entry as the last one used
+    evict(root)
+    return entry
+
+
+def evict(root, keep=CACHE_ENTRIES):
+    """Drop the cache entries of models that are gone, and all but the `keep` entries used last (a real
+    model's entry holds about 1 GB)."""
+    live = []
+    for entry in root.iterdir():
+        source = entry / "source"
+        try:
+            if Path(source.read_text()).is_file():
+                live.append((source.stat().st_mtime, entry))
+                continue
+        except OSError:  # no source: an older version's entry, or one another process is making this minute
+            if time.time() - entry.stat().st_mtime < 60:
+                continue
+        shutil.rmtree(entry, ignore_errors=True)
+    for _, entry in sorted(live, reverse=True)[keep:]:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def converted(cache, name, build, quantization=None, calibration=None):
