@@ -281,7 +281,8 @@ def test_managed_node_loads_on_configure_serves_while_active_and_frees_on_cleanu
         assert call(get, GetState.Request()).current_state.label == "unconfigured"
         assert "loaded in" not in (tmp_path / "node.log").read_text() and peer.pubs[0].get_subscription_count() == 0
         assert transition(Transition.TRANSITION_CONFIGURE) == "inactive"
-        assert "model tiny-decoder (dense, sparsity 0.000) loaded in" in (tmp_path / "node.log").read_text()
+        log = (tmp_path / "node.log").read_text()
+        assert "model tiny-decoder (dense, sparsity 0.000) loaded in" in log and "warmed up in" in log
         assert peer.pubs[0].get_subscription_count() == 0  # not subscribed before activate
         assert transition(Transition.TRANSITION_ACTIVATE) == "active"
         assert peer.wait_for_subscribers(peer.pubs[0]) and any(answered(s) for s in range(1, 20))
