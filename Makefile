@@ -35,6 +35,7 @@ bench: world
 	$(PY) bench/byo_model.py --out bench/results
 	$(PY) bench/runtime.py --frames bench/results/work-world-heldout --out bench/results
 	$(PY) bench/load.py --minutes 10 --out bench/results
+	$(PY) bench/demo.py --out bench/results
 	OWLED_SUITE_RESULTS=bench/results/tests.json $(MAKE) test
 	$(PY) bench/update_readme.py
 
