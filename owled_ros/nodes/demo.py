@@ -152,10 +152,9 @@ def run_demo(workdir, sparsity="0.5"):
         if player.poll() is not None:
             deadline = min(deadline, time.monotonic() + 15)
     # the node's counts as of its last answer (its /diagnostics go out once a second)
-    counted = lambda: statuses and int(next((kv.value for kv in statuses[-1].values if kv.key == "processed_frame_sets"),
-                                            0)) >= len(received["perception"])
+    latest_stats = lambda: {kv.key: kv.value for kv in statuses[-1].values} if statuses else {}
     settle = time.monotonic() + 3
-    while time.monotonic() < settle and not counted():
+    while time.monotonic() < settle and int(latest_stats().get("processed_frame_sets", 0)) < len(received["perception"]):
         rclpy.spin_once(node, timeout_sec=0.1)
     stop(drive)
     node.destroy_node()
@@ -170,7 +169,7 @@ def run_demo(workdir, sparsity="0.5"):
     for message in received["answers"]:
         print(f"answer [{message.question_id}] {message.question} -> {message.answer!r}")
     latencies = [m.latency_s for m in received["perception"]]
-    node_stats = {kv.key: kv.value for kv in statuses[-1].values} if statuses else {}
+    node_stats = latest_stats()
     backend = node_stats.get("backend")
     dropped = {"while the model was busy": int(node_stats.get("dropped_frame_sets", 0)),
                "never made (their views dropped)": int(node_stats.get("unmade_frame_sets", 0)),
