@@ -6,7 +6,7 @@ import pytest
 from owled_ros.cli import main as owled
 from owled_ros.data.bags import carla_topics, image_topics, import_bag, write_drive
 from owled_ros.data.calib import read_samples
-from owled_ros.data.metadrive_world import Spec, render_world
+from owled_ros.data.metadrive_world import Spec, render_world, sample_spec
 from owled_ros.data.world import CAMERAS
 
 RED_LIGHT = Spec(seed=11, map_seed=5, traffic_density=0.0, warmup_steps=2, light="red", light_distance=20.0,
@@ -14,10 +14,12 @@ RED_LIGHT = Spec(seed=11, map_seed=5, traffic_density=0.0, warmup_steps=2, light
 CROSSING = Spec(seed=12, map_seed=7, traffic_density=0.0, warmup_steps=2, pedestrians=[[12.0, 0.5, True]],
                 vehicles=[[20.0, 0, 0.0], [-12.0, 0, 6.0]], dropout="CAM_BACK_LEFT")
 
+CURVE = sample_spec(39)  # map 53: the ego lane curves, and its red light 27.8 m along it is not straight ahead
+
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    samples = render_world(tmp_path_factory.mktemp("world") / "set", specs=[RED_LIGHT, CROSSING])
+    samples = render_world(tmp_path_factory.mktemp("world") / "set", specs=[RED_LIGHT, CROSSING, CURVE])
     return {s.id: s for s in samples}
 
 
@@ -29,6 +31,13 @@ def test_a_placed_red_light_is_red_in_the_qa(rendered):
     sample = rendered["metadrive-11"]
     assert sample.truth["light"] == "red" and sample.truth["light_distance"] == pytest.approx(20.0, abs=0.5)
     assert answers(sample)["lights"] == "The traffic light is red."
+    assert answers(sample)["planning"] == "Stop, because the traffic light is red."
+
+
+def test_the_light_of_a_curving_ego_lane_is_the_scenes_light(rendered):
+    sample = rendered["metadrive-39"]
+    assert (CURVE.light, CURVE.light_distance) == ("red", 27.8)
+    assert sample.truth["light"] == "red" and sample.truth["light_distance"] == pytest.approx(27.8, abs=0.5)
     assert answers(sample)["planning"] == "Stop, because the traffic light is red."
 
 
@@ -70,7 +79,7 @@ def test_the_same_spec_renders_the_same_scene_in_another_process(rendered, tmp_p
 
 
 def test_rendered_frame_sets_round_trip_through_a_bag(rendered, tmp_path):
-    samples = list(rendered.values())
+    samples = [rendered["metadrive-11"], rendered["metadrive-12"]]
     bag = write_drive(tmp_path / "bag", ((i * 10**9, s.images()) for i, s in enumerate(samples)))
     assert sorted(image_topics(bag)) == sorted(carla_topics().values())
     written, bad = import_bag(bag, tmp_path / "imported")

@@ -222,23 +222,28 @@ def to_ego(ego, position):
 
 
 def ground_truth(engine, ego, crossing_ids, seed):
-    """A data/world.Scene from the engine's objects: vehicles and pedestrians in the ego frame, the nearest
-    traffic light ahead in the ego lane (state, distance)."""
+    """A data/world.Scene from the engine's objects: vehicles and pedestrians in the ego frame and along/across
+    the ego's lane (where the road curves, what is ahead in the lane is not straight ahead), the nearest traffic
+    light ahead on the ego lane (state, distance along the lane)."""
     scene = Scene(seed=seed, ego_speed_mps=float(ego.speed))
+    lane = ego.lane
+    ego_along, ego_across = lane.local_coordinates(ego.position)
     lights = []
     for obj in engine.get_objects().values():
         kind = type(obj).__name__.removeprefix("Placed")
         if obj is ego or not hasattr(obj, "position"):
             continue
         x, y = to_ego(ego, obj.position)
+        along, across = lane.local_coordinates(obj.position)
+        along, across = round(along - ego_along, 2), round(ego_across - across, 2)  # MetaDrive's lateral points right
         if kind in VEHICLE_NAMES:
             label = "truck" if kind == "XLVehicle" else "car"
-            scene.agents.append(Agent(label, round(x, 2), round(y, 2), float(obj.speed) > MOVING_MPS))
+            scene.agents.append(Agent(label, round(x, 2), round(y, 2), float(obj.speed) > MOVING_MPS, lane_x=along, lane_y=across))
         elif kind == "Pedestrian":
             walking = obj.id in crossing_ids
-            scene.agents.append(Agent("pedestrian", round(x, 2), round(y, 2), walking, crossing=walking))
-        elif kind == "BaseTrafficLight" and obj.status in LIGHT_STATUS and x > 0 and abs(y) < 2.0:
-            lights.append((x, LIGHT_STATUS[obj.status]))
+            scene.agents.append(Agent("pedestrian", round(x, 2), round(y, 2), walking, crossing=walking, lane_x=along, lane_y=across))
+        elif kind == "BaseTrafficLight" and obj.status in LIGHT_STATUS and along > 0 and abs(across) < 2.0:
+            lights.append((along, LIGHT_STATUS[obj.status]))
     if lights:
         distance, scene.light = min(lights)
         scene.light_distance = round(distance, 1)

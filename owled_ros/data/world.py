@@ -33,6 +33,18 @@ class Agent:
     moving: bool
     crossing: bool = False  # a pedestrian about to cross the ego lane
     color: tuple = (200, 40, 40)
+    # where it is along and across the ego lane (m; left positive) where the road curves (the MetaDrive world);
+    # None where the lane is the ego frame's x axis (this world)
+    lane_x: float | None = None
+    lane_y: float | None = None
+
+    @property
+    def along(self):
+        return self.x if self.lane_x is None else self.lane_x
+
+    @property
+    def across(self):
+        return self.y if self.lane_y is None else self.lane_y
 
     @property
     def distance(self):
@@ -56,8 +68,8 @@ class Scene:
         return [a for a in self.agents if a.label in labels and a.distance <= NEAR_M]
 
     def lead_vehicle(self):
-        ahead = [a for a in self.agents if a.label in ("car", "truck") and a.x > 0 and abs(a.y) < 1.8]
-        return min(ahead, key=lambda a: a.x, default=None)
+        ahead = [a for a in self.agents if a.label in ("car", "truck") and a.along > 0 and abs(a.across) < 1.8]
+        return min(ahead, key=lambda a: a.along, default=None)
 
     def decide(self):
         """(action, reason) a careful driver takes; the ground truth for planning questions."""
@@ -66,14 +78,14 @@ class Scene:
             return "stop", "the traffic light is red"
         if any(a.crossing for a in self.agents):
             return "stop", "a pedestrian is crossing"
-        if lead is not None and not lead.moving and lead.x < 25:
-            left_free = not any(a.label in ("car", "truck") and 1.8 < a.y < 5.4 and -10 < a.x < 30 for a in self.agents)
+        if lead is not None and not lead.moving and lead.along < 25:
+            left_free = not any(a.label in ("car", "truck") and 1.8 < a.across < 5.4 and -10 < a.along < 30 for a in self.agents)
             return ("change_lane_left", "the vehicle ahead is stopped") if left_free else ("stop", "the vehicle ahead is stopped")
         if self.light == "yellow":
             return "slow_down", "the traffic light is yellow"
         if self.stop_sign:
             return "slow_down", "there is a stop sign"
-        if lead is not None and lead.x < 15:
+        if lead is not None and lead.along < 15:
             return "slow_down", "a vehicle is close ahead"
         return "keep_lane", "the road ahead is clear"
 
