@@ -1,5 +1,6 @@
 """Driving VLM: both families answer, save/load round trips, EM-VLM4AD import, clear load errors."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +105,13 @@ def test_alignment_teaches_the_tags_and_lowers_the_answer_loss():
 
     answer_before, tags_before = losses()
     lm_before = {n: p.clone() for n, p in model.lm.named_parameters()}
-    _, adapter = align_default(model, scenes=12, steps=(60, 30))
+    curves = {}
+    _, adapter = align_default(model, scenes=12, steps=(60, 30), curves=curves)
     answer_after, tags_after = losses()
     assert tags_after < 0.8 * tags_before
+    # the training curve the build keeps: one loss per step of each stage
+    assert [len(curves["stage A"]), len(curves["stage B"])] == [60, 30]
+    assert all(math.isfinite(loss) and loss > 0 for losses in curves.values() for loss in losses)
     assert answer_after < answer_before - 0.1  # a random tiny LM through the adapter: slow but steady
     assert not model.training and all(p.requires_grad for p in model.parameters())
     # the LM learnt through the adapter, now merged: same parameter names, only the adapted linears changed

@@ -165,7 +165,7 @@ class Budget:
     """A training stage's steps, with a progress bar."""
 
     def __init__(self, steps, desc=""):
-        self.steps, self.step = steps, 0
+        self.steps, self.step, self.losses = steps, 0, []
         self.bar = tqdm(total=steps, desc=desc, unit="step", disable=None, file=sys.stderr)
 
     def __bool__(self):
@@ -176,6 +176,7 @@ class Budget:
 
     def done_one(self, loss):
         self.step += 1
+        self.losses.append(loss)
         self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         self.bar.update()
 
@@ -185,11 +186,13 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
-def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None, steps=(300, 400)):
+def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None, steps=(300, 400), curves=None):
     """Stage A: image side (stem or frozen pretrained backbone, patch embedding, gated pooling, tag heads) on
     scene ground truth. Stage B: answers through the LM, which learns through a LoRA adapter (merged at the
     end); the image side is frozen but for the projection and the tag embeddings. data: (scenes, frame sets),
-    default the 2-D world; steps: (stage A, stage B). Returns the model and the adapter's state dict."""
+    default the 2-D world; steps: (stage A, stage B); curves: a dict that receives each stage's training loss
+    per step. Returns the model and the adapter's state dict."""
+    curves = {} if curves is None else curves
     torch.manual_seed(seed)
     random.seed(seed)
     vision = model.vision
@@ -221,6 +224,7 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
         loss.backward()
         optimizer.step()
         budget.done_one(loss.item())
+    curves["stage A"] = budget.losses
 
     vision.stem = backbone
     budget = Budget(steps[1], "stage B (answers)")
@@ -243,6 +247,7 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         budget.done_one(loss.item())
+    curves["stage B"] = budget.losses
     lora_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(adapter).items()}
     model.lm = adapter.merge_and_unload()
     model.requires_grad_(True)
@@ -278,13 +283,15 @@ def build_default(out, frames=None, recipe=BUILD):
     if len(data[0]) < recipe["scenes"]:
         raise ValueError(f"{frames} has {len(data[0])} frame sets with ground truth; the build needs {recipe['scenes']}")
     data = tuple(part[:recipe["scenes"]] for part in data)
+    curves = {}
     model, lora_state = align_default(default_model_untrained(recipe["image_side"]), data=data,
-                                      steps=tuple(recipe["steps"]), seed=recipe["seed"])
+                                      steps=tuple(recipe["steps"]), seed=recipe["seed"], curves=curves)
     build = recipe | {"minutes": round((time.monotonic() - start) / 60, 1),
                       "peak_rss_mb": round(peak_rss_mb())}
     out.mkdir(parents=True, exist_ok=True)
     save_file(trained_state(model, lora_state), str(out / DEFAULT_WEIGHTS.name),
-              metadata={"build": json.dumps(build), "lora": json.dumps(LORA)})
+              metadata={"build": json.dumps(build), "lora": json.dumps(LORA),
+                        "curves": json.dumps({stage: [round(loss, 4) for loss in losses] for stage, losses in curves.items()})})
     model.config["build"] = build
     model.save_pretrained(out)
     return sha256(out / DEFAULT_WEIGHTS.name)
