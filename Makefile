@@ -31,7 +31,7 @@ bench: world
 	$(PY) bench/encoder_sensitivity.py --calib bench/results/work-world-calib --eval bench/results/work-world-heldout --out bench/results
 	$(PY) bench/drive_node.py --frames bench/results/work-world-heldout --calib bench/results/work-world-calib --out bench/results
 	$(PY) bench/cpu_sparse.py --out bench/results
-	$(PY) bench/default_model.py --out bench/results
+	$(PY) bench/default_model.py --out bench/results --frames bench/results/work-world-heldout
 	$(PY) bench/byo_model.py --out bench/results
 	$(PY) bench/runtime.py --frames bench/results/work-world-heldout --out bench/results
 	$(PY) bench/load.py --minutes 10 --out bench/results

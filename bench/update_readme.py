@@ -29,7 +29,8 @@ PARAMETERS = re.compile(r"(<!-- parameters (\S+) -->\n).*?(<!-- end parameters -
 
 
 def headline(root=ROOT):
-    """The README's results tables, from text_check.json, results.json, runtime.json and load.json."""
+    """The README's results tables, from text_check.json, default_model.json, results.json, runtime.json and
+    load.json."""
     read = lambda name: json.loads((root / "bench" / "results" / f"{name}.json").read_text())
     text, sweep, runtime, load = read("text_check"), read("results"), read("runtime"), read("load")
     perplexity = {r["name"]: r["perplexity"] for r in text["results"]}
@@ -39,9 +40,18 @@ def headline(root=ROOT):
     lines += [f"| {s * 100:.0f} % | " + " | ".join(f"{perplexity[f'{m}-{s:g}']:.1f}" for m in
                                           ("wanda-uniform", "wanda-owl", "sparsegpt-owl", "alps-owl")) + " |"
               for s in (0.5, 0.6, 0.7)]
+    default = read("default_model")
+    interval = lambda value: "{:.3f} [{:.3f}, {:.3f}]".format(*value)
+    lines += ["", f"**The default driving model** (`{default['model']}`, dense; {default['frame_sets']} held-out MetaDrive "
+              "frame sets, closed questions and generated answers on every one; value [95 % interval]):", "",
+              "| images | closed mean accuracy | traffic light | action | vehicle count MAE | generated action, exact match |",
+              "|---|---|---|---|---|---|"]
+    for label, name in (("as seen", "images"), ("every camera blanked", "blank")):
+        lines.append(f"| {label} | " + " | ".join(interval(default[name][key]) for key in (
+            "closed_mean_acc", "light_acc", "action_acc", "vehicle_count_mae", "gen_action_exact_match")) + " |")
     rows = {r["name"]: r for r in sweep["results"]}
     cell = lambda row, key, f=".3f": "{:{f}} [{:{f}}, {:{f}}]".format(*row["metrics"][key], f=f)
-    lines += ["", f"**The default driving model, pruned** ({sweep['eval_frame_sets']} held-out MetaDrive frame sets, "
+    lines += ["", f"**The default driving model, pruned** (`{Path(sweep['model']).name}`; {sweep['eval_frame_sets']} held-out MetaDrive frame sets, "
               f"generated answers on {sweep['generated_frame_sets']}; value [95 % interval]; closed questions scored "
               "by likelihood, the action parsed from the generated answer):", "",
               "| model | closed mean accuracy | traffic light | action (generated) | size MB |", "|---|---|---|---|---|"]
