@@ -16,8 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from safetensors import safe_open
 
+from owled_ros.eval.bench import cell
 from owled_ros.model.build import DEFAULT_SHA256, DEFAULT_WEIGHTS, resolve_model
 
 # metric -> (label, goal, higher is better): the dense default's goals (issue #29), blank images last
@@ -47,18 +49,23 @@ def evaluate_default(frames, out):
     result = {"model": model.model_id, "frames": str(frames), "frame_sets": len(samples),
               **{name: {k: list(v) for k, v in s["metrics"].items()} for name, s in scored.items()}}
     (out / "default_model.json").write_text(json.dumps(result, indent=1) + "\n")
-    fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
-    lines = [f"Model `{model.model_id}`, dense, on {len(samples)} held-out MetaDrive frame sets (`{Path(frames).name}`): closed "
-             "questions scored by likelihood and generated answers, both on every frame set; value [95 % interval].", "",
+    (out / "default_eval.md").write_text(eval_table(result))
+
+
+def eval_table(result):
+    """default_eval.md from default_model.json: each metric with and without the images, against its goal."""
+    lines = [f"Model `{result['model']}`, dense, on {result['frame_sets']} held-out MetaDrive frame sets "
+             f"(`{Path(result['frames']).name}`): closed questions scored by likelihood and generated answers, both on "
+             "every frame set; value [95 % interval].", "",
              "| metric | images | every camera blanked | goal | |", "|---|---|---|---|---|"]
     for key, (label, goal, higher) in GOALS.items():
         value, blank = result["images"][key], result["blank"][key]
         target = "" if goal is None else f"{'≥' if higher else '≤'} {goal:g}"
-        lines.append(f"| {label} | {fmt(value)} | {fmt(blank)} | {target} | {'' if goal is None else verdict(value, goal, higher)} |")
+        lines.append(f"| {label} | {cell(value)} | {cell(blank)} | {target} | {'' if goal is None else verdict(value, goal, higher)} |")
     blank = result["blank"]["closed_mean_acc"]
-    lines.append(f"| closed mean accuracy, every camera blanked | | {fmt(blank)} | ≤ {BLANK_GOAL:g} | "
+    lines.append(f"| closed mean accuracy, every camera blanked | | {cell(blank)} | ≤ {BLANK_GOAL:g} | "
                  f"{verdict(blank, BLANK_GOAL, False)} |")
-    (out / "default_eval.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(curves, path):
@@ -71,9 +78,10 @@ def plot_curves(curves, path):
               "stage B": "stage B: answers through the LM adapter (cross-entropy per token)"}
     for ax, (stage, losses) in zip(axes, curves.items()):
         window = max(1, len(losses) // 50)
-        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+        total = np.cumsum([0.0, *losses])
         ax.plot(losses, color="0.8", linewidth=0.6, label="per step")
-        ax.plot(smooth, color="C0", label=f"mean of {window} steps")
+        ax.plot(np.arange(window - 1, len(losses)), (total[window:] - total[:-window]) / window, color="C0",
+                label=f"mean of {window} steps")
         ax.set(title=labels.get(stage, stage), xlabel="step", ylabel="training loss")
         ax.title.set_fontsize(9)
         ax.legend(fontsize=8)

@@ -42,6 +42,7 @@ def headline(root=ROOT):
               for s in (0.5, 0.6, 0.7)]
     default = read("default_model")
     interval = lambda value: "{:.3f} [{:.3f}, {:.3f}]".format(*value)
+    cell = lambda row, key: interval(row["metrics"][key])
     lines += ["", f"**The default driving model** (`{default['model']}`, dense; {default['frame_sets']} held-out MetaDrive "
               "frame sets, closed questions and generated answers on every one; value [95 % interval]):", "",
               "| images | closed mean accuracy | traffic light | action | vehicle count MAE | generated action, exact match |",
@@ -50,7 +51,6 @@ def headline(root=ROOT):
         lines.append(f"| {label} | " + " | ".join(interval(default[name][key]) for key in (
             "closed_mean_acc", "light_acc", "action_acc", "vehicle_count_mae", "gen_action_exact_match")) + " |")
     rows = {r["name"]: r for r in sweep["results"]}
-    cell = lambda row, key, f=".3f": "{:{f}} [{:{f}}, {:{f}}]".format(*row["metrics"][key], f=f)
     lines += ["", f"**The default driving model, pruned** (`{Path(sweep['model']).name}`; {sweep['eval_frame_sets']} held-out MetaDrive frame sets, "
               f"generated answers on {sweep['generated_frame_sets']}; value [95 % interval]; closed questions scored "
               "by likelihood, the action parsed from the generated answer):", "",
