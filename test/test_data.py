@@ -243,3 +243,13 @@ def test_a_scene_comes_back_from_its_stored_truth_with_the_same_qa():
         assert qa(again) == qa(scene)
         stored, back = scene.truth(), again.truth()
         assert all(stored[k] == back[k] for k in ("n_cars", "n_pedestrians", "light", "light_distance", "action", "agents"))
+
+
+def test_a_two_pixel_lamp_keeps_its_colour_through_the_stored_jpeg():
+    from owled_ros.data.calib import decode_image, encode_jpeg
+
+    sky = np.full((128, 224, 3), (170, 175, 170), np.uint8)
+    sky[40:42, 101:102] = (230, 40, 30)  # a red lamp 30 m ahead: two pixels
+    back = decode_image(encode_jpeg(sky), "lamp.jpg").astype(int)
+    lamp = back[40:42, 101]
+    assert (lamp[:, 0] - lamp[:, 1] >= 120).all()  # 4:2:0 chroma averaged it with the sky: about 60

@@ -164,6 +164,9 @@ class MetaDriveWorld:
             light.set_position(lane.position(s + spec.light_distance, 0))
             light.set_heading_theta(heading)
             {"red": light.set_red, "yellow": light.set_yellow, "green": light.set_green}[spec.light]()
+            # Lamps give their own light: unlit by the scene's sun, whose shading left the face the ego sees
+            # black whenever the sun stood behind the light (its colour showed only in side views on curves).
+            light.origin.setLightOff(1)
             self.spawned.append(light)
         crossing = set()
         for forward, left, walking in spec.pedestrians:
