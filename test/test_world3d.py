@@ -15,11 +15,12 @@ CROSSING = Spec(seed=12, map_seed=7, traffic_density=0.0, warmup_steps=2, pedest
                 vehicles=[[20.0, 0, 0.0], [-12.0, 0, 6.0]], dropout="CAM_BACK_LEFT")
 
 CURVE = sample_spec(39)  # map 53: the ego lane curves, and its red light 27.8 m along it is not straight ahead
+AGAINST_THE_SUN = sample_spec(1_000_003)  # a red light 30.8 m straight ahead, the sun behind it
 
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    samples = render_world(tmp_path_factory.mktemp("world") / "set", specs=[RED_LIGHT, CROSSING, CURVE])
+    samples = render_world(tmp_path_factory.mktemp("world") / "set", specs=[RED_LIGHT, CROSSING, CURVE, AGAINST_THE_SUN])
     return {s.id: s for s in samples}
 
 
@@ -51,7 +52,8 @@ def red_lamp_pixels(image):
 def test_a_red_lamp_straight_ahead_shows_red_in_the_stored_front_view(rendered):
     # lit by the scene's sun, the face of a light straight ahead rendered black whenever the sun stood behind
     # it; stored with 4:2:0 chroma the lamp's colour halved again
-    assert red_lamp_pixels(rendered["metadrive-11"].image("CAM_FRONT")) >= 1
+    assert (AGAINST_THE_SUN.light, AGAINST_THE_SUN.light_distance) == ("red", 30.8)
+    assert red_lamp_pixels(rendered["metadrive-1000003"].image("CAM_FRONT")) >= 1
     assert red_lamp_pixels(rendered["metadrive-12"].image("CAM_FRONT")) == 0  # no light: no red above the road
 
 
