@@ -23,6 +23,7 @@ bench: world
 	[ -d bench/results/work-world-train ] || $(VENV)/bin/owled calib world bench/results/work-world-train --count 704 --seed 0
 	[ -d bench/results/work-world-heldout ] || $(VENV)/bin/owled calib world bench/results/work-world-heldout --count 200 --seed 1000000
 	[ -d bench/results/work-world-calib ] || $(VENV)/bin/owled calib world bench/results/work-world-calib --count 32 --seed 1500000
+	$(PY) bench/world_lights.py --frames bench/results/work-world-heldout --out bench/results
 	$(PY) bench/encoder_choice.py --train bench/results/work-world-train --heldout bench/results/work-world-heldout \
 		--steps 300 400 --heldout-count 200 --out bench/results --save bench/results/work-encoder-choice
 	$(PY) bench/world_picture.py --model default \

@@ -6,7 +6,7 @@ import pytest
 from owled_ros.cli import main as owled
 from owled_ros.data.bags import carla_topics, image_topics, import_bag, write_drive
 from owled_ros.data.calib import read_samples
-from owled_ros.data.metadrive_world import Spec, render_world, sample_spec
+from owled_ros.data.metadrive_world import Spec, lamp_pixels, render_world, sample_spec
 from owled_ros.data.world import CAMERAS
 
 RED_LIGHT = Spec(seed=11, map_seed=5, traffic_density=0.0, warmup_steps=2, light="red", light_distance=20.0,
@@ -42,19 +42,12 @@ def test_the_light_of_a_curving_ego_lane_is_the_scenes_light(rendered):
     assert answers(sample)["planning"] == "Stop, because the traffic light is red."
 
 
-def red_lamp_pixels(image):
-    """Pixels above the horizon of a view that are a lit red lamp's colour."""
-    sky = image[: image.shape[0] // 2].astype(int)
-    red, green, blue = sky[..., 0], sky[..., 1], sky[..., 2]
-    return int(((red >= 150) & (red - green >= 70) & (red - blue >= 70)).sum())
-
-
 def test_a_red_lamp_straight_ahead_shows_red_in_the_stored_front_view(rendered):
     # lit by the scene's sun, the face of a light straight ahead rendered black whenever the sun stood behind
     # it; stored with 4:2:0 chroma the lamp's colour halved again
     assert (AGAINST_THE_SUN.light, AGAINST_THE_SUN.light_distance) == ("red", 30.8)
-    assert red_lamp_pixels(rendered["metadrive-1000003"].image("CAM_FRONT")) >= 1
-    assert red_lamp_pixels(rendered["metadrive-12"].image("CAM_FRONT")) == 0  # no light: no red above the road
+    assert lamp_pixels(rendered["metadrive-1000003"].image("CAM_FRONT"), "red") >= 1
+    assert lamp_pixels(rendered["metadrive-12"].image("CAM_FRONT"), "red") == 0  # no light: no red above the road
 
 
 def test_a_pedestrian_at_10_m_is_counted_at_40_m_not(rendered):

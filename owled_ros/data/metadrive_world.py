@@ -224,6 +224,17 @@ def to_ego(ego, position):
     return dx * c + dy * s, dx * s - dy * c
 
 
+def lamp_pixels(image, colour):
+    """Pixels in the upper half of a view (above the horizon, where a light's lamps are) of a lit lamp's
+    colour: red, yellow or green."""
+    sky = image[: image.shape[0] // 2].astype(int)
+    red, green, blue = sky[..., 0], sky[..., 1], sky[..., 2]
+    lit = {"red": (red >= 150) & (red - green >= 70) & (red - blue >= 70),
+           "yellow": (red >= 150) & (green >= 130) & (red - blue >= 90),
+           "green": (green >= 120) & (green - red >= 50) & (green - blue >= 20)}[colour]
+    return int(lit.sum())
+
+
 def ground_truth(engine, ego, crossing_ids, seed):
     """A data/world.Scene from the engine's objects: vehicles and pedestrians in the ego frame and along/across
     the ego's lane (where the road curves, what is ahead in the lane is not straight ahead), the nearest traffic
