@@ -203,6 +203,8 @@ def edit(path, value):
     (edit("vision", None), "'vision' is missing"),
     (edit("lm.model_type", None), "lm.model_type is missing"),
     (edit("vision.patch", 0), "vision.patch 0 is not a positive integer"),
+    (edit("vision.crop.camera", "CAM_ROOF"), "vision.crop {'camera': 'CAM_ROOF'"),
+    (edit("vision.crop.tags", ["weather"]), "is not null or {camera: one of vision.cameras"),
     (edit("family", "t5"), "lm.encoder.block has None layers"),
 ])
 def test_a_config_that_does_not_fit_its_weights_is_refused_before_building(tiny_dir, tmp_path, config, message):

@@ -56,7 +56,8 @@ def test_default_layout_adds_one_image_token_per_scene_tag(frames):
     pixels, mask = model.pixels([frames])
     with torch.no_grad():
         tokens = model.image_tokens([frames])
-        tags = model.vision.tagger(model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0])
+        fused = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0]
+        tags = model.vision.tagger(fused, model.vision.crop_logits(pixels, mask))
     assert tokens.shape[1] == model.vision.tokens + len(TAG_WORDS)
     modal = model.vision.modal_embeddings.weight[1]
     assert torch.allclose(tokens[0, model.vision.tokens:], tags[0] + modal)
@@ -64,6 +65,33 @@ def test_default_layout_adds_one_image_token_per_scene_tag(frames):
     table = model.vision.tagger.tag_embeddings.weight[:len(TAG_WORDS["n_cars"])]
     weights = torch.linalg.lstsq(table.T, tags[0, 0]).solution
     assert weights.sum().item() == pytest.approx(1.0, abs=1e-3) and (weights > -1e-3).all()
+
+
+def test_the_front_crop_reads_one_lit_pixel_above_its_rows_and_nothing_of_a_missing_front_camera(frames):
+    model = tiny_decoder()
+    crop = model.vision.crop
+    pixels, mask = model.pixels([frames])
+    with torch.no_grad():
+        crop.convs[0].weight[0] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # its first filter reads red
+        plain = model.vision.crop_logits(pixels, mask)
+        lit, below = pixels.clone(), pixels.clone()
+        lit[0, 0, :, 5, 40] = torch.tensor([20.0, -20.0, -20.0])  # one red pixel in the front view's top rows
+        below[0, 0, :, crop.rows + 5, 40] = torch.tensor([20.0, -20.0, -20.0])
+        other_view = pixels.clone()
+        other_view[0, 1, :, 5, 40] = torch.tensor([20.0, -20.0, -20.0])
+        assert set(plain) == {"light", "action"}
+        assert not torch.allclose(model.vision.crop_logits(lit, mask)["light"], plain["light"])
+        for unseen in (below, other_view):
+            assert torch.equal(model.vision.crop_logits(unseen, mask)["light"], plain["light"])
+        # the front camera missing: only the heads' biases, whatever its pixels hold
+        no_front = mask.clone()
+        no_front[0, 0] = False
+        assert torch.allclose(model.vision.crop_logits(lit, no_front)["light"], crop.heads["light"].bias)
+        # the crop's logits add to its tags' heads: their tokens change with the lit pixel, the others do not
+        fused = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0]
+        tag_tokens = [model.vision.tagger(fused, model.vision.crop_logits(p, mask))[0] for p in (pixels, lit)]
+    changed = (tag_tokens[0] - tag_tokens[1]).abs().sum(-1) > 0
+    assert changed.tolist() == [name in ("light", "action") for name in TAG_WORDS]
 
 
 def test_answer_confidence_is_the_same_with_or_without_guesses_and_from_generate(frames, tmp_path):
@@ -105,10 +133,12 @@ def test_alignment_teaches_the_tags_and_lowers_the_answer_loss():
 
     answer_before, tags_before = losses()
     lm_before = {n: p.clone() for n, p in model.lm.named_parameters()}
+    crop_before = {n: p.clone() for n, p in model.vision.crop.named_parameters()}
     curves = {}
     _, adapter = align_default(model, scenes=12, steps=(60, 30), curves=curves)
     answer_after, tags_after = losses()
     assert tags_after < 0.8 * tags_before
+    assert all(not torch.equal(p, crop_before[n]) for n, p in model.vision.crop.named_parameters())  # stage A trains it
     # the training curve the build keeps: one loss per step of each stage
     assert [len(curves["stage A"]), len(curves["stage B"])] == [60, 30]
     assert all(math.isfinite(loss) and loss > 0 for losses in curves.values() for loss in losses)

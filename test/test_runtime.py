@@ -167,15 +167,18 @@ def test_int8_linears_are_within_their_rounding_error_in_both_kernels():
     from owled_ros.runtime.int8 import KERNEL_ROWS, Int8Linear
 
     torch.manual_seed(0)
+    for width in (96, 12, 4):  # the kernel takes inputs 8 wide at a time: 12 crashed it, 4 gave NaN
+        dense = torch.nn.Linear(width, 40)
+        quantized = Int8Linear(dense.weight, dense.bias)
+        assert quantized.qweight.dtype == torch.int8 and quantized.qweight.abs().max() == 127
+        for rows in (2, KERNEL_ROWS + 5):  # the int8 kernel, then the dequantized product
+            x = torch.randn(rows, width)
+            # half an int8 step per weight, and bfloat16's rounding (8 bits) of the input and the output
+            step = quantized.scales.float()[:, None] / 2 + dense.weight.detach().abs() / 2**7
+            bound = x.abs() @ step.T + dense(x).abs() / 2**7 + 1e-4
+            assert ((quantized(x) - dense(x)).abs() <= bound).all()
     dense = torch.nn.Linear(96, 40)
     quantized = Int8Linear(dense.weight, dense.bias)
-    assert quantized.qweight.dtype == torch.int8 and quantized.qweight.abs().max() == 127
-    for rows in (2, KERNEL_ROWS + 5):  # the int8 kernel, then the dequantized product
-        x = torch.randn(rows, 96)
-        # half an int8 step per weight, and bfloat16's rounding (8 bits) of the input and the output
-        step = quantized.scales.float()[:, None] / 2 + dense.weight.detach().abs() / 2**7
-        bound = x.abs() @ step.T + dense(x).abs() / 2**7 + 1e-4
-        assert ((quantized(x) - dense(x)).abs() <= bound).all()
     x = torch.randn(3, 7, 96)  # leading dimensions kept; both paths give the same product
     assert quantized(x).shape == (3, 7, 40)
     assert torch.allclose(quantized(x[:1, :2]), quantized(x)[:1, :2], atol=1e-5)

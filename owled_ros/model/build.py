@@ -64,11 +64,12 @@ def save_smollm2(directory):
 IMAGE_SIDES = {"stem": {"stem": [16, 32, 64]}, "mobilenet_v2": {"stem": [], "backbone": "mobilenet_v2"} | IMAGENET}
 
 
-def default_model_untrained(image_side="stem"):
+def default_model_untrained(image_side="stem", crop=None):
+    """crop: the front crop's config (vision.FrontCrop), or None for none."""
     lm, tokenizer = load_smollm2()
     # Conv stem + patch embedding + gated pooling + projection: vision transformer blocks trained from scratch,
     # and a bare linear patch embedding, did not learn the scenes within the few-minute CPU budget.
-    vision = {"layers": 0, "tags": {name: len(words) for name, words in TAG_WORDS.items()}} | IMAGE_SIDES[image_side]
+    vision = {"layers": 0, "tags": {name: len(words) for name, words in TAG_WORDS.items()}, "crop": crop} | IMAGE_SIDES[image_side]
     model = DrivingVLM(new_config("decoder", DEFAULT_MODEL_ID, vision=vision, prompt=CHATML), lm, tokenizer)
     nn.init.zeros_(model.vision.modal_embeddings.weight)  # start from the LM's own text embeddings
     init_tag_embeddings(model)
@@ -203,6 +204,7 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
     camera_ids = torch.arange(len(model.cameras))
     targets = {k: torch.tensor([tag_targets(s)[k] for s in train]) for k in TAG_WORDS}
     pretrained = model.config["vision"].get("backbone", "none") != "none"
+    crops = None if vision.crop is None else vision.crop.select(pixels).clone()  # the crop reads pixels, not features
 
     budget = Budget(steps[0], "stage A (image side)")
     vision.train()
@@ -218,7 +220,7 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
         index = torch.randint(len(train), (probe_batch,))
         mask = masks[index] & (torch.rand(probe_batch, len(model.cameras)) > 0.15)  # views drop out, as they do on the road
         mask[~mask.any(1), 0] = True
-        logits = vision.tag_logits(pixels[index], camera_ids, mask)
+        logits = vision.tag_logits(pixels[index], camera_ids, mask, None if crops is None else crops[index])
         loss = sum(F.cross_entropy(logits[k], targets[k][index]) for k in logits)
         optimizer.zero_grad()
         loss.backward()

@@ -79,14 +79,39 @@ class SceneTagger(nn.Module):
         self.tag_embeddings = nn.Embedding(sum(heads.values()), lm_width)
         nn.init.normal_(self.tag_embeddings.weight, std=0.02)
 
-    def logits(self, fused):
+    def logits(self, fused, extra=None):
+        """{tag: (B, classes)}; extra: logits of other heads to add, by tag (the front crop's)."""
         flat = fused.flatten(1)  # keep where things are: a lit lamp is a few pixels of one patch
-        return {name: head(flat) for name, head in self.heads.items()}
+        extra = extra or {}
+        return {name: head(flat) + extra[name] if name in extra else head(flat) for name, head in self.heads.items()}
 
-    def forward(self, fused):
+    def forward(self, fused, extra=None):
         """(B, N, width) -> tag tokens (B, heads, lm_width)."""
         tables = self.tag_embeddings.weight.split([head[-1].out_features for head in self.heads.values()])
-        return torch.stack([logits.softmax(-1) @ table for logits, table in zip(self.logits(fused).values(), tables)], 1)
+        logits = self.logits(fused, extra).values()
+        return torch.stack([tag.softmax(-1) @ table for tag, table in zip(logits, tables)], 1)
+
+
+class FrontCrop(nn.Module):
+    """Scene-tag logits from the top rows of one camera's pixels at full resolution, where traffic lights
+    are: a 1x1 convolution that can read a lamp's colour per pixel, a 3x3 one, then the maximum over the rows
+    of each third of the width (left, ahead, right). A lit lamp is one or two pixels: the backbone's stride-32
+    features average it away, a maximum keeps it."""
+
+    def __init__(self, cfg, cameras, tags):
+        super().__init__()
+        self.view, self.rows, channels = cameras.index(cfg["camera"]), cfg["rows"], cfg["channels"]
+        self.convs = nn.Sequential(nn.Conv2d(3, channels, 1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(3 * channels, tags[name]) for name in cfg["tags"]})
+
+    def select(self, pixels):
+        """(B, V, 3, H, W) -> the crop this branch reads, (B, 3, rows, W)."""
+        return pixels[:, self.view, :, :self.rows]
+
+    def forward(self, crop, view_mask):
+        features = torch.cat([third.amax((2, 3)) for third in self.convs(crop).chunk(3, dim=3)], 1)
+        features = features * view_mask[:, self.view, None].to(features.dtype)  # the camera may be missing
+        return {name: head(features) for name, head in self.heads.items()}
 
 
 class MultiViewEncoder(nn.Module):
@@ -121,6 +146,7 @@ class MultiViewEncoder(nn.Module):
         nn.init.normal_(self.modal_embeddings.weight, std=0.02)
         tags = cfg.get("tags", {})
         self.tagger = SceneTagger(width, self.tokens, tags, cfg["tag_hidden"], lm_width) if tags else None
+        self.crop = FrontCrop(cfg["crop"], cfg["cameras"], tags) if cfg.get("crop") else None
         # Not a registered child: it shares the modules above, which keep their EM-VLM4AD names in checkpoints.
         object.__setattr__(self, "fusion", Fusion(self))
 
@@ -136,12 +162,19 @@ class MultiViewEncoder(nn.Module):
     def pool(self, view_tokens, view_mask):
         return self.fusion.pool(view_tokens, view_mask)
 
-    def tag_logits(self, pixels, camera_ids, view_mask):
+    def crop_logits(self, pixels, view_mask, crop=None):
+        """The front crop's tag logits ({} without one); crop: its pixels if `pixels` are not the images."""
+        if self.crop is None:
+            return {}
+        return self.crop(self.crop.select(pixels) if crop is None else crop, view_mask)
+
+    def tag_logits(self, pixels, camera_ids, view_mask, crop=None):
         """Scene-tag classifier logits {tag: (B, classes)} (what stage A of the default build trains)."""
-        return self.tagger.logits(self.pool(self.embed_views(pixels, camera_ids), view_mask)[0])
+        fused = self.pool(self.embed_views(pixels, camera_ids), view_mask)[0]
+        return self.tagger.logits(fused, self.crop_logits(pixels, view_mask, crop))
 
     def forward(self, pixels, camera_ids, view_mask):
-        return self.fusion(self.embed_views(pixels, camera_ids), view_mask)
+        return self.fusion(self.embed_views(pixels, camera_ids), view_mask, self.crop_logits(pixels, view_mask))
 
 
 class Fusion(nn.Module):
@@ -162,9 +195,9 @@ class Fusion(nn.Module):
         weights = torch.softmax(scores.masked_fill(~view_mask, float("-inf")), dim=1)
         return torch.einsum("bv,bvnd->bnd", weights, view_tokens), weights
 
-    def forward(self, view_tokens, view_mask):
+    def forward(self, view_tokens, view_mask, crop_logits=None):
         fused, _ = self.pool(view_tokens, view_mask)
         tokens = self.img_projection_layer(fused)
         if self.tagger is not None:
-            tokens = torch.cat([tokens, self.tagger(fused)], 1)
+            tokens = torch.cat([tokens, self.tagger(fused, crop_logits)], 1)
         return tokens + self.modal_embeddings.weight[1]

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 KERNEL_ROWS = 32  # inputs of at most this many rows run the int8 kernel; longer ones are faster dequantized
+KERNEL_IN_MULTIPLE = 8  # the kernel reads the input in blocks of 8: other widths give NaN or crash (torch 2.13)
 
 
 class Int8Linear(nn.Module):
@@ -27,7 +28,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if len(rows) <= KERNEL_ROWS:
+        if len(rows) <= KERNEL_ROWS and self.in_features % KERNEL_IN_MULTIPLE == 0:
             out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scales)
         else:
             out = F.linear(rows, self.qweight.to(torch.bfloat16) * self.scales[:, None])
