@@ -8,10 +8,10 @@ from owled_ros.model.build import IMAGENET, SMOLLM2_GGUF, TAG_WORDS, init_tag_em
 from owled_ros.model.vlm import CHATML, DrivingVLM, new_config
 
 TINY_VISION = {"image_size": [64, 96], "patch": 32, "width": 32, "layers": 2, "heads": 2, "gpa_hidden": 16}
-# the embedded default's layout: conv stem, scene tags and the front crop for the lights
+# the embedded default's layout: conv stem, scene tags (dropout while training) and the front crop for the lights
 TINY_CROP = {"camera": "CAM_FRONT", "rows": 32, "channels": 4, "tags": ["light", "action"]}
 TINY_DEFAULT_VISION = TINY_VISION | {"stem": [8, 16], "tags": {k: len(w) for k, w in TAG_WORDS.items()}, "tag_hidden": 16,
-                                     "crop": TINY_CROP}
+                                     "tag_dropout": 0.5, "crop": TINY_CROP}
 # the same behind the pretrained MobileNetV2 backbone
 TINY_BACKBONE_VISION = TINY_DEFAULT_VISION | {"stem": [], "backbone": "mobilenet_v2"} | IMAGENET
 

@@ -203,6 +203,7 @@ def edit(path, value):
     (edit("vision", None), "'vision' is missing"),
     (edit("lm.model_type", None), "lm.model_type is missing"),
     (edit("vision.patch", 0), "vision.patch 0 is not a positive integer"),
+    (edit("vision.tag_dropout", 1), "vision.tag_dropout 1 is not a number in [0, 1)"),
     (edit("vision.crop.camera", "CAM_ROOF"), "vision.crop {'camera': 'CAM_ROOF'"),
     (edit("vision.crop.tags", ["weather"]), "is not null or {camera: one of vision.cameras"),
     (edit("family", "t5"), "lm.encoder.block has None layers"),

@@ -65,6 +65,13 @@ def test_default_layout_adds_one_image_token_per_scene_tag(frames):
     table = model.vision.tagger.tag_embeddings.weight[:len(TAG_WORDS["n_cars"])]
     weights = torch.linalg.lstsq(table.T, tags[0, 0]).solution
     assert weights.sum().item() == pytest.approx(1.0, abs=1e-3) and (weights > -1e-3).all()
+    # the tag heads drop tokens' features while training (stage A) only
+    model.vision.tagger.train()
+    with torch.no_grad():
+        training = [model.vision.tagger.logits(fused)["light"] for _ in range(2)]
+    model.vision.tagger.eval()
+    assert not torch.equal(*training) and torch.equal(model.vision.tagger.logits(fused)["light"],
+                                                      model.vision.tagger.logits(fused)["light"])
 
 
 def test_the_front_crop_reads_one_lit_pixel_above_its_rows_and_nothing_of_a_missing_front_camera(frames):

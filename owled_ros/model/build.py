@@ -64,12 +64,12 @@ def save_smollm2(directory):
 IMAGE_SIDES = {"stem": {"stem": [16, 32, 64]}, "mobilenet_v2": {"stem": [], "backbone": "mobilenet_v2"} | IMAGENET}
 
 
-def default_model_untrained(image_side="stem", crop=None):
-    """crop: the front crop's config (vision.FrontCrop), or None for none."""
+def default_model_untrained(image_side="stem", vision=None):
+    """vision: further image-side config (e.g. the front crop, the tag heads' dropout)."""
     lm, tokenizer = load_smollm2()
     # Conv stem + patch embedding + gated pooling + projection: vision transformer blocks trained from scratch,
     # and a bare linear patch embedding, did not learn the scenes within the few-minute CPU budget.
-    vision = {"layers": 0, "tags": {name: len(words) for name, words in TAG_WORDS.items()}, "crop": crop} | IMAGE_SIDES[image_side]
+    vision = {"layers": 0, "tags": {name: len(words) for name, words in TAG_WORDS.items()}} | IMAGE_SIDES[image_side] | (vision or {})
     model = DrivingVLM(new_config("decoder", DEFAULT_MODEL_ID, vision=vision, prompt=CHATML), lm, tokenizer)
     nn.init.zeros_(model.vision.modal_embeddings.weight)  # start from the LM's own text embeddings
     init_tag_embeddings(model)
@@ -286,7 +286,7 @@ def build_default(out, frames=None, recipe=BUILD):
         raise ValueError(f"{frames} has {len(data[0])} frame sets with ground truth; the build needs {recipe['scenes']}")
     data = tuple(part[:recipe["scenes"]] for part in data)
     curves = {}
-    model, lora_state = align_default(default_model_untrained(recipe["image_side"]), data=data,
+    model, lora_state = align_default(default_model_untrained(recipe["image_side"], recipe.get("vision")), data=data,
                                       steps=tuple(recipe["steps"]), seed=recipe["seed"], curves=curves)
     build = recipe | {"minutes": round((time.monotonic() - start) / 60, 1),
                       "peak_rss_mb": round(peak_rss_mb())}
@@ -316,7 +316,7 @@ def load_default(path=DEFAULT_WEIGHTS, expected_sha256=DEFAULT_SHA256):
         state = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
     build, lora = json.loads(meta["build"]), json.loads(meta["lora"])
-    model = default_model_untrained(build["image_side"])
+    model = default_model_untrained(build["image_side"], build.get("vision"))
     vision = {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}
     missing, unexpected = model.vision.load_state_dict(vision, strict=False)
     if unexpected or any(not k.startswith("stem.") for k in missing):

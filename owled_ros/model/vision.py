@@ -72,8 +72,9 @@ class SceneTagger(nn.Module):
     Tags as anchor tokens the LM already reads (as in Oscar/VinVL): they let a small LM use the image after
     a few minutes of CPU alignment, where it ignored the patch tokens."""
 
-    def __init__(self, width, tokens, heads, hidden, lm_width):
+    def __init__(self, width, tokens, heads, hidden, lm_width, dropout=0.0):
         super().__init__()
+        self.dropout = dropout  # on the flattened tokens while training: with a few hundred scenes the heads overfit
         self.heads = nn.ModuleDict({name: nn.Sequential(nn.Linear(width * tokens, hidden), nn.GELU(), nn.Linear(hidden, n))
                                     for name, n in heads.items()})
         self.tag_embeddings = nn.Embedding(sum(heads.values()), lm_width)
@@ -81,7 +82,7 @@ class SceneTagger(nn.Module):
 
     def logits(self, fused, extra=None):
         """{tag: (B, classes)}; extra: logits of other heads to add, by tag (the front crop's)."""
-        flat = fused.flatten(1)  # keep where things are: a lit lamp is a few pixels of one patch
+        flat = F.dropout(fused.flatten(1), self.dropout, self.training)  # flattened: keeps where things are
         extra = extra or {}
         return {name: head(flat) + extra[name] if name in extra else head(flat) for name, head in self.heads.items()}
 
@@ -145,7 +146,7 @@ class MultiViewEncoder(nn.Module):
         self.modal_embeddings = nn.Embedding(2, lm_width)  # 0 = text, 1 = image
         nn.init.normal_(self.modal_embeddings.weight, std=0.02)
         tags = cfg.get("tags", {})
-        self.tagger = SceneTagger(width, self.tokens, tags, cfg["tag_hidden"], lm_width) if tags else None
+        self.tagger = SceneTagger(width, self.tokens, tags, cfg["tag_hidden"], lm_width, cfg.get("tag_dropout", 0.0)) if tags else None
         self.crop = FrontCrop(cfg["crop"], cfg["cameras"], tags) if cfg.get("crop") else None
         # Not a registered child: it shares the modules above, which keep their EM-VLM4AD names in checkpoints.
         object.__setattr__(self, "fusion", Fusion(self))

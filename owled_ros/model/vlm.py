@@ -27,7 +27,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 NUSCENES_CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
 DEFAULT_VISION = {"cameras": NUSCENES_CAMERAS, "image_size": [128, 224], "patch": 32, "width": 256, "stem": [], "backbone": "none",
-                  "layers": 4, "heads": 4, "gpa_hidden": 128, "projection": True, "tags": {}, "tag_hidden": 256, "crop": None,
+                  "layers": 4, "heads": 4, "gpa_hidden": 128, "projection": True, "tags": {}, "tag_hidden": 256, "tag_dropout": 0.0, "crop": None,
                   "mean": [0.5] * 3, "std": [0.5] * 3}
 CHATML = {"before": "<|im_start|>user\n", "after": "<|im_end|>\n<|im_start|>assistant\n", "end": "<|im_end|>"}
 
@@ -402,6 +402,8 @@ def check_config(config, shapes, path):
          f"{['none', *BACKBONES]}")
     need(vision["backbone"] == "none" or vision["patch"] == BACKBONES[vision["backbone"]][1],
          f"vision.patch {vision['patch']!r} must equal the backbone's stride")
+    need(type(vision["tag_dropout"]) in (int, float) and 0 <= vision["tag_dropout"] < 1,
+         f"vision.tag_dropout {vision['tag_dropout']!r} is not a number in [0, 1)")
     crop = vision["crop"]
     need(crop is None or (isinstance(crop, dict) and crop.get("camera") in vision["cameras"] and
                           all(type(crop.get(k)) is int and crop[k] > 0 for k in ("rows", "channels")) and
