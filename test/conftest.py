@@ -2,6 +2,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,9 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """With OWLED_SUITE_RESULTS=path (`make bench`): the suite's size, outcomes and duration, for the docs."""
+    """Fast DDS segments of the nodes tests killed are removed (they stay in /dev/shm, in RAM, otherwise). With
+    OWLED_SUITE_RESULTS=path (`make bench`): the suite's size, outcomes and duration, for the docs."""
+    subprocess.run([str(Path(sys.executable).parent / "fastdds"), "shm", "clean"], capture_output=True, timeout=60)
     path = os.environ.get("OWLED_SUITE_RESULTS")
     if not path:
         return
