@@ -90,6 +90,13 @@ def plot_curves(curves, path):
     plt.close(fig)
 
 
+def recipe_extras(vision):
+    """The image side's further config in the build recipe, in words."""
+    crop, dropout = vision.get("crop"), vision.get("tag_dropout")
+    return ((f", front crop of {crop['camera']} (top {crop['rows']} rows) for {' and '.join(crop['tags'])}" if crop else "")
+            + (f", tag heads' dropout {dropout:g}" if dropout else ""))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
@@ -111,7 +118,8 @@ def main():
              f"less MobileNetV2, LoRA adapter r={lora['r']}) |",
              f"| SHA-256 | `{DEFAULT_SHA256}` |",
              f"| trained on | {build['scenes']} MetaDrive frame sets (scene seeds {build['scene_seed']}.., "
-             f"{build['image_side']} image side), {build['steps'][0]} + {build['steps'][1]} steps, seed {build['seed']} |",
+             f"{build['image_side']} image side{recipe_extras(build.get('vision', {}))}), {build['steps'][0]} + "
+             f"{build['steps'][1]} steps, seed {build['seed']} |",
              f"| build (`owled build-default`, 2 CPU cores, scenes already rendered) | {build['minutes']} min, "
              f"peak RSS {build['peak_rss_mb'] / 1024:.1f} GB |",
              f"| first use of `--model default` (written out as a model directory) | {ready:.0f} s |"]

