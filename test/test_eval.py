@@ -130,8 +130,10 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
     pruned = names[2:]
     assert {(c["challenger"], c["baseline"]) for c in saved["comparisons"]} == {
         ("owled-0.5", "wanda-0.5"), ("owled-dense-answers-0.5", "owled-0.5")} | {
-        (name, "dense") for name in pruned}  # generated answers against the dense model's
-    assert {c["metric"] for c in saved["comparisons"] if c["baseline"] == "dense"} == {f"gen_{k}" for k in PAIRED_GENERATED}
+        (name, "dense") for name in pruned}  # closed mean and generated answers against the dense model's
+    for name in pruned:
+        assert {c["metric"] for c in saved["comparisons"] if (c["challenger"], c["baseline"]) == (name, "dense")} == {
+            "closed_mean_acc", *(f"gen_{k}" for k in PAIRED_GENERATED)}
     assert all(c["low"] <= c["difference"] <= c["high"] for c in saved["comparisons"])
     assert saved["comparison_confidence"] == pytest.approx(1 - 0.05 / len(saved["comparisons"]))
     assert all(len(row["generated"]) == 2 for row in saved["results"])  # answers per generated frame set, kept

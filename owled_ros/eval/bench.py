@@ -179,7 +179,7 @@ def headline(row):
 
 def comparisons(results, samples):
     """Paired differences on the same frame sets: challenger - baseline at the same target (closed metrics),
-    and every pruned model's generated answers against the dense model's. Each interval is widened for the
+    and every pruned model's closed mean accuracy and generated answers against the dense model's. Each interval is widened for the
     number of comparisons made (Bonferroni), so that all of them hold together at 95 %.
     Returns (comparisons, the confidence of each interval)."""
     by_name = {r["name"]: r for r in results}
@@ -190,6 +190,8 @@ def comparisons(results, samples):
             if row["method"] == challenger and other is not None and other["method"] == baseline:
                 closed_pairs += [(row, other, key) for key in COMPARED if key in row["items"]]
     dense = by_name["dense"]
+    closed_pairs += [(row, dense, "closed_mean_acc") for row in results
+                     if row["method"] != "dense" and "closed_mean_acc" in row["items"]]
     pruned = [r for r in results if r["method"] != "dense" and r["generated"]]
     confidence = corrected(len(closed_pairs) + len(pruned) * len(PAIRED_GENERATED))
     found = []
