@@ -141,8 +141,10 @@ def cmd_eval(args):
 def cmd_bench(args):
     from .eval.bench import run_bench
 
+    plan = {key: tuple(getattr(args, key)) for key in ("sparsities", "methods", "high_methods", "nm_methods",
+                                                        "answer_methods") if getattr(args, key) is not None}
     run_bench(args.model, args.out, nsamples=args.nsamples, eval_frames=args.eval_frames,
-              generated_frames=args.generated_frames, calib=args.calib, eval_set=args.eval, resume=args.resume)
+              generated_frames=args.generated_frames, calib=args.calib, eval_set=args.eval, resume=args.resume, **plan)
 
 
 class Parser(argparse.ArgumentParser):
@@ -291,6 +293,12 @@ def parser():
     s.add_argument("--calib", help="calibration frame sets (default: synthetic 2-D ones)")
     s.add_argument("--eval", help="held-out frame sets with ground truth (default: synthetic 2-D ones)")
     s.add_argument("--resume", action="store_true", help="keep the rows an interrupted run with the same settings measured")
+    s.add_argument("--sparsities", type=number(float, 0.0, 1.0, open_low=True, open_high=True), nargs="+",
+                   help="targets (default 0.5 0.6 0.7); every method runs at the first")
+    for flag, help_text in (("--methods", "pruned at the first sparsity"), ("--high-methods", "also at the other sparsities"),
+                            ("--nm-methods", "in 2:4 (OWL ones at 40 %% with the outlier-heavy layers dense)"),
+                            ("--answer-methods", "at every sparsity again, calibrated on the dense model's answers")):
+        s.add_argument(flag, nargs="*", choices=list(METHODS), help=f"{help_text} (default: the full sweep's)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the whole loop on the default model: MetaDrive drive bag -> recorder -> OWLed -> drive node")

@@ -11,7 +11,7 @@ import torch
 from nltk.translate.bleu_score import corpus_bleu
 
 from models import tiny_decoder
-from owled_ros.eval.bench import CLOSED, COST, GENERATED, run_bench
+from owled_ros.eval.bench import CLOSED, COST, GENERATED, run_bench, runs
 from owled_ros.data.calib import read_samples, write_synthetic
 from owled_ros.eval.evaluate import CATEGORIES, PAIRED_GENERATED, paired_generated, score
 from owled_ros.eval.metrics import METEOR_SYNONYMS, accuracy, language_metrics, mean_absolute_error, tokenize
@@ -156,6 +156,22 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
     assert "held-out synthetic 6-camera frame sets" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "metrics_vs_sparsity.png").stat().st_size > 0
     assert (tmp_path / "out" / "report-owled-0.5.json").is_file() and not (tmp_path / "out" / "work").exists()
+
+
+def test_bench_command_line_chooses_the_plan(monkeypatch):
+    import owled_ros.eval.bench
+    from owled_ros.cli import main
+
+    called = {}
+    monkeypatch.setattr(owled_ros.eval.bench, "run_bench", lambda *args, **kwargs: called.update(kwargs))
+    main(["bench", "--sparsities", "0.5", "0.7", "--methods", "wanda", "owled-alps", "--high-methods",
+          "--nm-methods", "sparsegpt"])
+    assert called["sparsities"] == (0.5, 0.7) and called["methods"] == ("wanda", "owled-alps")
+    assert called["high_methods"] == () and called["nm_methods"] == ("sparsegpt",)
+    assert "answer_methods" not in called  # not given: run_bench's own default
+    assert runs(called["sparsities"], "2:4", called["methods"], called["high_methods"], called["nm_methods"], 0) == [
+        ("wanda-0.5", "wanda", "wanda", "0.5", None, []), ("owled-alps-0.5", "owled-alps", "owled-alps", "0.5", None, []),
+        ("sparsegpt-2:4", "sparsegpt", "sparsegpt", None, "2:4", [])]
 
 
 def test_text_check_prunes_each_run_from_the_same_dense_weights(tmp_path):

@@ -120,6 +120,8 @@ def owled(*args):
     (["calib", "push", "MISSING", "s3://fleet/x"], "calibration set not found"),
     (["replay", "BAG", "--rate", "nan"], "--rate: nan is not in (0.0, ∞)"),
     (["answer", "--frames", "SET", "--index", "99"], "--index 99 is out of range"),
+    (["bench", "--out", "OUT", "--methods", "wanda", "foo"], "--methods: invalid choice: 'foo'"),
+    (["bench", "--out", "OUT", "--sparsities", "0.5", "1.5"], "--sparsities: 1.5 is not in (0.0, 1.0)"),
 ])
 def test_bad_command_line_values_give_one_line_and_exit_2(tmp_path, args, message):
     small_set(tmp_path / "set")

@@ -38,7 +38,7 @@ COST = [("ppl_driving", "ppl driving"), ("size_mb", "size MB"),
 # reconstruction against Wanda's scores, ALPS's against SparseGPT's; the dense model's answers as calibration
 # targets against the calibration set's own
 PAIRS = [("owled", "wanda"), ("owled-sparsegpt", "sparsegpt"), ("owled-alps", "alps"), ("sparsegpt", "wanda"),
-         ("alps", "sparsegpt"), ("owled-sparsegpt", "owled"), ("owled", "owl")] + [
+         ("alps", "sparsegpt"), ("owled-sparsegpt", "owled"), ("owled-alps", "owled-sparsegpt"), ("owled", "owl")] + [
     (f"{m}-dense-answers", m) for m in METHODS]
 COMPARED = ["closed_mean_acc", "action_acc", "light_acc"]
 
