@@ -13,7 +13,7 @@ from nltk.translate.bleu_score import corpus_bleu
 from models import tiny_decoder
 from owled_ros.eval.bench import CLOSED, COST, GENERATED, run_bench, runs
 from owled_ros.data.calib import read_samples, write_synthetic
-from owled_ros.eval.evaluate import CATEGORIES, PAIRED_GENERATED, paired_generated, score
+from owled_ros.eval.evaluate import CATEGORIES, PAIRED_GENERATED, ResampledScores, paired_generated, score
 from owled_ros.eval.metrics import METEOR_SYNONYMS, accuracy, language_metrics, mean_absolute_error, tokenize
 from owled_ros.eval.parse import parse_action, parse_description, parse_speed
 from owled_ros.eval.perplexity import perplexity
@@ -209,12 +209,24 @@ def test_paired_generated_differences_resample_the_same_frame_sets_for_both_mode
     samples = read_samples(tmp_path / "qa")
     truth = [[q["answer"] for q in s.qa] for s in samples]
     wrong_actions = [[q["answer"] if q.get("kind") != "planning" else "Turn around." for q in s.qa] for s in samples]
-    same = paired_generated(samples, truth, truth)
+    same = paired_generated(ResampledScores(samples, truth), ResampledScores(samples, truth))
     assert all(value == (0.0, 0.0, 0.0, 0) for value in same.values())
-    better = paired_generated(samples, truth, wrong_actions, confidence=0.99)
+    better = paired_generated(ResampledScores(samples, truth), ResampledScores(samples, wrong_actions), confidence=0.99)
     difference, low, high, verdict = better["action_exact_match"]
     assert difference == pytest.approx(1.0) and verdict == 1 and 0 < low <= high
     assert better["light_accuracy"][0] == 0 and better["bleu4"][3] == 1
+
+
+def test_resampled_scores_equal_score_on_the_same_resample(tmp_path):
+    write_synthetic(tmp_path / "qa", 12, seed=6, vehicle="eval")
+    samples = read_samples(tmp_path / "qa")
+    rng = random.Random(0)
+    replies = ["Stop.", "Keep lane.", "The traffic light is red.", "There are 2 vehicles within 30 meters.", ""]
+    answers = [[q["answer"] if rng.random() < 0.5 else rng.choice(replies) for q in s.qa] for s in samples[:10]]
+    scores = ResampledScores(samples, answers)  # the first 10 of 12 frame sets answered
+    for chosen in ([0, 0, 3, 9, 9, 9, 5], list(range(10)), [7]):
+        expected = score([(samples[i], q, a) for i in chosen for q, a in zip(samples[i].qa, answers[i])], categories=False)
+        assert scores(chosen) == pytest.approx([expected[k] for k in PAIRED_GENERATED], nan_ok=True)
 
 
 def test_an_interrupted_bench_resumes_from_the_rows_it_measured(tmp_path):

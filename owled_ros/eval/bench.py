@@ -19,7 +19,7 @@ from pathlib import Path
 from ..data.calib import read_samples, write_synthetic
 from ..model import load_model
 from ..model.build import resolve_model
-from .evaluate import PAIRED_GENERATED, evaluate, paired_generated
+from .evaluate import PAIRED_GENERATED, ResampledScores, evaluate, paired_generated
 from .metrics import METEOR_SYNONYMS
 from .perplexity import perplexity
 from .stats import corrected, paired_difference
@@ -199,8 +199,9 @@ def comparisons(results, samples):
         diff, low, high, verdict = paired_difference(row["items"][key], other["items"][key], confidence=confidence)
         found.append({"challenger": row["name"], "baseline": other["name"], "metric": key,
                       "difference": diff, "low": low, "high": high, "verdict": verdict})
+    dense_scores = ResampledScores(samples, dense["generated"])
     for row in pruned:
-        generated = paired_generated(samples, row["generated"], dense["generated"], confidence=confidence)
+        generated = paired_generated(ResampledScores(samples, row["generated"]), dense_scores, confidence=confidence)
         found += [{"challenger": row["name"], "baseline": "dense", "metric": f"gen_{key}", "difference": diff,
                    "low": low, "high": high, "verdict": verdict} for key, (diff, low, high, verdict) in generated.items()]
     return found, confidence

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from .closed import score_frame_sets
-from .metrics import accuracy, language_metrics, mean_absolute_error
+from .metrics import CorpusResamples, accuracy, language_metrics, mean_absolute_error
 from .parse import parse_action, parse_description, parse_light, parse_speed
 from .stats import CONFIDENCE, corpus_interval, interval, verdict
 
@@ -122,15 +122,41 @@ def evaluate(model, samples, generated=20, max_new_tokens=32, blank=False):
 PAIRED_GENERATED = ("action_exact_match", "action_accuracy", "light_accuracy", "bleu4", "cider")
 
 
-def paired_generated(samples, answers, baseline, keys=PAIRED_GENERATED, confidence=CONFIDENCE):
-    """{metric: (difference, low, high, verdict)} of generated answers against a baseline's on the same frame
-    sets: answers, baseline: per frame set, its answers in QA order; the bootstrap resamples frame sets, the
-    same ones for both (paired)."""
-    def statistic(chosen):
-        scored = [score([(samples[i], q, a) for i in chosen for q, a in zip(samples[i].qa, which[i])],
-                        categories=False, meteor=False) for which in (answers, baseline)]
-        return np.array([scored[0][k] - scored[1][k] for k in keys], dtype=np.float64)
+class ResampledScores:
+    """The PAIRED_GENERATED metrics of one model's answers (per frame set, in QA order) on any resample of the
+    frame sets, equal to score()'s on the same answers: each answer is parsed and its n-grams counted once, and
+    every resample's value is kept (the dense model is the baseline of every pruned one, on the same resamples)."""
 
-    value, low, high = corpus_interval(len(answers), statistic, confidence=confidence)
-    return {k: (float(v), float(lo), float(hi), verdict(lo, hi))
-            for k, v, lo, hi in zip(keys, np.atleast_1d(value), np.atleast_1d(low), np.atleast_1d(high))}
+    def __init__(self, samples, answers):
+        """samples: the frame sets, of which the first len(answers) were answered."""
+        results = [(i, s, q, a) for i, s in enumerate(samples[:len(answers)]) for q, a in zip(s.qa, answers[i])]
+        self.answers_of = [[k for k, (i, *_) in enumerate(results) if i == chosen] for chosen in range(len(answers))]
+        self.corpus = CorpusResamples([a for *_, a in results], [q["answer"] for _, _, q, _ in results])
+        planning = [(i, s, q, a) for i, s, q, a in results if q.get("kind") == "planning"]
+        lights = [(i, s, a) for i, s, q, a in results if q.get("kind") in ("perception", "lights")]
+        per_set = lambda items, right: np.bincount([i for i, *_ in items], [float(r) for r in right], len(answers))
+        self.planning = per_set(planning, [1] * len(planning))
+        self.exact = per_set(planning, [a.strip().lower() == q["answer"].strip().lower() for _, _, q, a in planning])
+        self.action = per_set(planning, [parse_action(a) == s.truth["action"] for _, s, _, a in planning])
+        self.lights = per_set(lights, [1] * len(lights))
+        self.light = per_set(lights, [parse_light(a) == s.truth["light"] for _, s, a in lights])
+        self.kept = {}
+
+    def __call__(self, chosen):
+        key = np.asarray(chosen).tobytes()
+        if key not in self.kept:
+            weights = np.bincount(chosen, minlength=len(self.answers_of))
+            share = lambda right, total: right @ weights / (total @ weights) if total @ weights else math.nan
+            bleu4, cider = self.corpus([k for i in chosen for k in self.answers_of[i]])
+            self.kept[key] = np.array([share(self.exact, self.planning), share(self.action, self.planning),
+                                       share(self.light, self.lights), bleu4, cider])
+        return self.kept[key]
+
+
+def paired_generated(answers, baseline, confidence=CONFIDENCE):
+    """{metric: (difference, low, high, verdict)} of generated answers against a baseline's on the same frame
+    sets: answers, baseline: ResampledScores of the two models; the bootstrap resamples frame sets, the same
+    ones for both (paired)."""
+    value, low, high = corpus_interval(len(answers.answers_of), lambda chosen: answers(chosen) - baseline(chosen),
+                                       confidence=confidence)
+    return {k: (float(v), float(lo), float(hi), verdict(lo, hi)) for k, v, lo, hi in zip(PAIRED_GENERATED, value, low, high)}

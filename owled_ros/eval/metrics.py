@@ -20,7 +20,9 @@ import nltk
 from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
 from nltk.translate.meteor_score import meteor_score
+from pycocoevalcap.bleu import bleu_scorer
 from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider import cider_scorer
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
@@ -79,6 +81,28 @@ def language_metrics(hypotheses, references, meteor=True):
     if meteor:
         scores["meteor"] = sum(sentence_meteor(h, r) for h, r in zip(hypotheses, references)) / len(hypotheses)
     return scores
+
+
+class CorpusResamples:
+    """BLEU-4 and CIDEr of resamples of one corpus of (hypothesis, reference) pairs, equal to language_metrics'
+    (pycocoevalcap's scorers fed the same pairs), with each pair's n-grams counted once rather than once per
+    resample of a bootstrap."""
+
+    def __init__(self, hypotheses, references):
+        hyp = [" ".join(tokenize(h)) or "<empty>" for h in hypotheses]
+        ref = [" ".join(tokenize(r)) for r in references]
+        self.bleu_refs = [bleu_scorer.cook_refs([r]) for r in ref]
+        self.bleu_tests = [bleu_scorer.cook_test(h, r) for h, r in zip(hyp, self.bleu_refs)]
+        self.cider_refs = [cider_scorer.cook_refs([r]) for r in ref]
+        self.cider_tests = [cider_scorer.cook_test(h) for h in hyp]
+
+    def __call__(self, chosen):
+        """(BLEU-4, CIDEr) of the pairs at the indices `chosen` (repeats allowed)."""
+        bleu = bleu_scorer.BleuScorer(n=4)
+        bleu.crefs, bleu.ctest = [self.bleu_refs[i] for i in chosen], [self.bleu_tests[i] for i in chosen]
+        cider = cider_scorer.CiderScorer(n=4, sigma=6.0)
+        cider.crefs, cider.ctest = [self.cider_refs[i] for i in chosen], [self.cider_tests[i] for i in chosen]
+        return float(bleu.compute_score(option="closest")[0][3]), float(cider.compute_score()[0])
 
 
 def mean_absolute_error(predicted, truth):
