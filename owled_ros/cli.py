@@ -144,7 +144,8 @@ def cmd_bench(args):
     plan = {key: tuple(getattr(args, key)) for key in ("sparsities", "methods", "high_methods", "nm_methods",
                                                         "answer_methods") if getattr(args, key) is not None}
     run_bench(args.model, args.out, nsamples=args.nsamples, eval_frames=args.eval_frames,
-              generated_frames=args.generated_frames, calib=args.calib, eval_set=args.eval, resume=args.resume, **plan)
+              generated_frames=args.generated_frames, calib=args.calib, eval_set=args.eval, resume=args.resume,
+              skip=args.skip, **plan)
 
 
 class Parser(argparse.ArgumentParser):
@@ -299,6 +300,7 @@ def parser():
                             ("--nm-methods", "in 2:4 (OWL ones at 40 %% with the outlier-heavy layers dense)"),
                             ("--answer-methods", "at every sparsity again, calibrated on the dense model's answers")):
         s.add_argument(flag, nargs="*", choices=list(METHODS), help=f"{help_text} (default: the full sweep's)")
+    s.add_argument("--skip", nargs="+", default=[], metavar="RUN", help="runs of the plan to leave out, by name (owled-alps-0.6)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the whole loop on the default model: MetaDrive drive bag -> recorder -> OWLed -> drive node")

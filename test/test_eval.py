@@ -165,7 +165,8 @@ def test_bench_command_line_chooses_the_plan(monkeypatch):
     called = {}
     monkeypatch.setattr(owled_ros.eval.bench, "run_bench", lambda *args, **kwargs: called.update(kwargs))
     main(["bench", "--sparsities", "0.5", "0.7", "--methods", "wanda", "owled-alps", "--high-methods",
-          "--nm-methods", "sparsegpt"])
+          "--nm-methods", "sparsegpt", "--skip", "wanda-0.5"])
+    assert called["skip"] == ["wanda-0.5"]
     assert called["sparsities"] == (0.5, 0.7) and called["methods"] == ("wanda", "owled-alps")
     assert called["high_methods"] == () and called["nm_methods"] == ("sparsegpt",)
     assert "answer_methods" not in called  # not given: run_bench's own default

@@ -122,6 +122,7 @@ def owled(*args):
     (["answer", "--frames", "SET", "--index", "99"], "--index 99 is out of range"),
     (["bench", "--out", "OUT", "--methods", "wanda", "foo"], "--methods: invalid choice: 'foo'"),
     (["bench", "--out", "OUT", "--sparsities", "0.5", "1.5"], "--sparsities: 1.5 is not in (0.0, 1.0)"),
+    (["bench", "--out", "OUT", "--sparsities", "0.5", "--skip", "wanda-0.6"], "--skip wanda-0.6: not a run of this plan"),
 ])
 def test_bad_command_line_values_give_one_line_and_exit_2(tmp_path, args, message):
     small_set(tmp_path / "set")

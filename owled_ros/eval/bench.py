@@ -92,10 +92,15 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sp
               methods=("wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt", "alps", "owled-alps"),
               high_methods=("sparsegpt", "owled-sparsegpt", "alps", "owled-alps"),
               nm_methods=("wanda", "sparsegpt", "owled-sparsegpt"), answer_methods=("owled-sparsegpt",), calib=None,
-              eval_set=None, resume=False, log=print):
+              eval_set=None, resume=False, skip=(), log=print):
     """model_dir: 'default', one of our model directories or a transformers checkpoint (closed questions only
     where the model scores options). calib, eval_set: calibration and held-out frame sets (directories);
-    default synthetic 2-D ones. resume: keep the rows an interrupted run measured with the same settings."""
+    default synthetic 2-D ones. resume: keep the rows an interrupted run measured with the same settings.
+    skip: names of planned runs to leave out (owled-alps-0.6)."""
+    plan = runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity, answer_methods)
+    if unknown := set(skip) - {run[0] for run in plan}:
+        raise ValueError(f"--skip {' '.join(sorted(unknown))}: not a run of this plan ({' '.join(r[0] for r in plan)})")
+    plan = [run for run in plan if run[0] not in skip]
     model_dir = resolve_model(str(model_dir))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +134,6 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sp
     del model
     results = [dense, blank]
     log(f"dense: {headline(dense)}; blank images: {headline(blank)}")
-    plan = runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity, answer_methods)
     for name, label, method, sparsity, pattern, extra in plan:
         command = [sys.executable, "-m", "owled_ros.cli", "prune", "--model", str(model_dir), "--out", str(work / name),
                    "--method", method, "--calib", str(text_path("generic") if method == "owl" else calib),
