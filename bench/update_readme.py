@@ -27,6 +27,48 @@ INCLUDE = re.compile(r"(<!-- include (\S+) -->\n).*?(<!-- end include -->)", re.
 VALUE = re.compile(r"(<!-- value (\S+) (\S+)(?: (\S+))? -->).*?(<!-- end -->)", re.S)
 PARAMETERS = re.compile(r"(<!-- parameters (\S+) -->\n).*?(<!-- end parameters -->)", re.S)
 
+TARGETS = {"0.5": "50 %", "0.6": "60 %", "0.7": "70 %", "2:4": "2:4 (50 %)", "2:4 0.4": "2:4, outlier layers dense (40 %)"}
+
+
+def picks(sweep):
+    """Which method to pick at each target of the driving sweep: the run whose generated answers (the text the
+    drive node publishes) score the highest CIDEr, with its paired differences against dense (the sweep's
+    corrected intervals)."""
+    rows = sweep["results"]
+    dense, blank = rows[:2]
+    against_dense = {(c["challenger"], c["metric"]): c for c in sweep["comparisons"] if c["baseline"] == "dense"}
+    interval = lambda value: "{:.3f} [{:.3f}, {:.3f}]".format(*value)
+
+    def difference(row, key):
+        c = against_dense.get((row["name"], key))
+        return "–" if c is None else "{:+.3f} [{:+.3f}, {:+.3f}]".format(c["difference"], c["low"], c["high"])
+
+    def command(row):
+        args = row["args"]
+        return f"`--method {args[args.index('--method') + 1]}" + (" --answers dense`" if "--answers" in args else "`")
+
+    lines = [f"**Which pruner at which sparsity, on the default driving model** (`{Path(sweep['model']).name}`; "
+             f"{sweep['eval_frame_sets']} held-out MetaDrive frame sets, generated answers on {sweep['generated_frame_sets']}; "
+             f"at each target the run of the sweep ({len(rows) - 2} runs) whose generated answers, the text the drive node "
+             "publishes, score the highest CIDEr; "
+             f"value [95 % interval]; − dense: paired on the same frame sets, intervals at "
+             f"{sweep['comparison_confidence']:.2%} for the sweep's {len(sweep['comparisons'])} comparisons):", "",
+             "| target | `owled prune` | closed mean accuracy | − dense | generated action, exact match | − dense | "
+             "CIDEr | − dense | size MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, row in (("dense", dense), ("dense, every camera blanked", blank)):
+        lines.append(f"| {label} | | {interval(row['metrics']['closed_mean_acc'])} | | "
+                     f"{interval(row['metrics']['gen_action_exact_match'])} | | {row['metrics']['gen_cider'][0]:.2f} | | "
+                     f"{row['size_mb']:.0f} |")
+    for target, label in TARGETS.items():
+        runs = [r for r in rows[2:] if r["target"] == target]
+        if runs:
+            best = max(runs, key=lambda r: r["metrics"]["gen_cider"][0])
+            lines.append(f"| {label} | {command(best)} | {interval(best['metrics']['closed_mean_acc'])} | "
+                         f"{difference(best, 'closed_mean_acc')} | {interval(best['metrics']['gen_action_exact_match'])} | "
+                         f"{difference(best, 'gen_action_exact_match')} | {best['metrics']['gen_cider'][0]:.2f} | "
+                         f"{difference(best, 'gen_cider')} | {best['size_mb']:.0f} |")
+    return lines
+
 
 def headline(root=ROOT):
     """The README's results tables, from text_check.json, default_model.json, results.json, runtime.json and
@@ -50,19 +92,7 @@ def headline(root=ROOT):
     for label, name in (("as seen", "images"), ("every camera blanked", "blank")):
         lines.append(f"| {label} | " + " | ".join(interval(default[name][key]) for key in (
             "closed_mean_acc", "light_acc", "action_acc", "vehicle_count_mae", "gen_action_exact_match")) + " |")
-    rows = {r["name"]: r for r in sweep["results"]}
-    lines += ["", f"**The default driving model, pruned** (`{Path(sweep['model']).name}`; {sweep['eval_frame_sets']} held-out MetaDrive frame sets, "
-              f"generated answers on {sweep['generated_frame_sets']}; value [95 % interval]; closed questions scored "
-              "by likelihood, the action parsed from the generated answer):", "",
-              "| model | closed mean accuracy | traffic light | action (generated) | size MB |", "|---|---|---|---|---|"]
-    for label, name in (("dense", "dense"), ("dense, every camera blanked", "dense, blank images"),
-                        *[(f"{m} {s * 100:.0f} %", f"{m.lower()}-{s:g}") for m in ("OWLed-SparseGPT", "OWLed-ALPS")
-                          for s in (0.5, 0.6, 0.7)],
-                        ("OWLed-SparseGPT 2:4, outlier layers dense (40 %)", "owled-sparsegpt-2:4-0.4")):
-        if name in rows:
-            row = rows[name]
-            lines.append(f"| {label} | {cell(row, 'closed_mean_acc')} | {cell(row, 'light_acc')} | "
-                         f"{cell(row, 'gen_action_accuracy')} | {row['size_mb']:.0f} |")
+    lines += ["", *picks(sweep)]
     cpu = runtime["cpu"]
     p50 = {(r["method"], r["backend"], r["dtype"]): r for r in runtime["rows"]}
     lines += ["", f"**Runtime** (perception + action answers for one frame set, p50 seconds; {cpu['model']}, "

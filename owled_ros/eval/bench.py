@@ -158,7 +158,7 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sp
         log(f"{name}: achieved {row['achieved']:.3f}, {headline(row)}")
     summary = {"model": str(model_dir), "nsamples": nsamples, "eval_frame_sets": eval_frames,
                "frames": frames,
-               "generated_frame_sets": dense["generated_frame_sets"], "seconds": round(time.time() - started),
+               "generated_frame_sets": dense["generated_frame_sets"], "seconds": round(time.time() - started), "resumed": resume,
                "meteor_synonyms": METEOR_SYNONYMS,
                "results": results}
     summary["comparisons"], summary["comparison_confidence"] = comparisons(results, eval_samples)
@@ -228,7 +228,9 @@ def markdown(summary):
     results = summary["results"]
     lines = [f"Model `{Path(summary['model']).name}`; held-out {summary['frames']} 6-camera frame sets: closed questions on "
              f"{summary['eval_frame_sets']}, generated answers on the first {summary['generated_frame_sets']}; "
-             f"{summary['nsamples']} calibration samples; sweep took {summary['seconds']} s. "
+             f"{summary['nsamples']} calibration samples; "
+             + (f"this run took {summary['seconds']} s, resuming the rows an interrupted one had measured. " if summary.get("resumed")
+                else f"sweep took {summary['seconds']} s. ") +
              "Each cell: value [bootstrap 95 % interval over frame sets].", "",
              "Closed questions, scored by likelihood (accuracy; MAE in objects).", ""]
     lines += table(["run", "target", "achieved"] + [t for _, t in CLOSED],
