@@ -27,6 +27,10 @@ INCLUDE = re.compile(r"(<!-- include (\S+) -->\n).*?(<!-- end include -->)", re.
 VALUE = re.compile(r"(<!-- value (\S+) (\S+)(?: (\S+))? -->).*?(<!-- end -->)", re.S)
 PARAMETERS = re.compile(r"(<!-- parameters (\S+) -->\n).*?(<!-- end parameters -->)", re.S)
 
+def interval(value):
+    return "{:.3f} [{:.3f}, {:.3f}]".format(*value)
+
+
 TARGETS = {"0.5": "50 %", "0.6": "60 %", "0.7": "70 %", "2:4": "2:4 (50 %)", "2:4 0.4": "2:4, outlier layers dense (40 %)"}
 
 
@@ -37,7 +41,6 @@ def picks(sweep):
     rows = sweep["results"]
     dense, blank = rows[:2]
     against_dense = {(c["challenger"], c["metric"]): c for c in sweep["comparisons"] if c["baseline"] == "dense"}
-    interval = lambda value: "{:.3f} [{:.3f}, {:.3f}]".format(*value)
 
     def difference(row, key):
         c = against_dense.get((row["name"], key))
@@ -83,8 +86,6 @@ def headline(root=ROOT):
                                           ("wanda-uniform", "wanda-owl", "sparsegpt-owl", "alps-owl")) + " |"
               for s in (0.5, 0.6, 0.7)]
     default = read("default_model")
-    interval = lambda value: "{:.3f} [{:.3f}, {:.3f}]".format(*value)
-    cell = lambda row, key: interval(row["metrics"][key])
     lines += ["", f"**The default driving model** (`{default['model']}`, dense; {default['frame_sets']} held-out MetaDrive "
               "frame sets, closed questions and generated answers on every one; value [95 % interval]):", "",
               "| images | closed mean accuracy | traffic light | action | vehicle count MAE | generated action, exact match |",
