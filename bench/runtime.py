@@ -80,7 +80,7 @@ def faster(row, dense):
 
 def markdown(summary):
     lines = [f"Perception + action answers for one frame set (p50 over {summary['frame_sets']} held-out MetaDrive frame "
-             f"sets, 6 views), {summary['cpu']['model']} ({', '.join(summary['cpu']['flags'])}), {summary['cpu']['cores']} "
+             f"sets, 6 views) of `{summary['model']}` and its pruned models, {summary['cpu']['model']} ({', '.join(summary['cpu']['flags'])}), {summary['cpu']['cores']} "
              "cores; each row its own process. agree: answers equal to torch eager fp32 on the same model. "
              "× dense: p50 against the dense model in the same backend and dtype; faster: whether the sparse model was "
              "faster on more frame sets than chance allows (paired, two-sided sign test, p < 0.05); the time of a frame set includes its answers' length, so a pruned "
@@ -116,6 +116,7 @@ def main():
         print(json.dumps(one_row(*args.row, args.frames, args.count)))
         return
     from owled_ros.data.metadrive_world import DEMO_FRAMES
+    from owled_ros.model.build import resolve_model
 
     started, rows = time.time(), []
     with tempfile.TemporaryDirectory() as work:
@@ -138,7 +139,7 @@ def main():
                 row["agree"] = sum(a == b for a, b in pairs) / len(pairs)
                 rows.append(row)
                 print({k: v for k, v in row.items() if k != "answers"}, flush=True)
-    summary = {"cpu": cpu(), "frame_sets": args.count, "seconds": round(time.time() - started), "rows": rows}
+    summary = {"model": resolve_model("default").name, "cpu": cpu(), "frame_sets": args.count, "seconds": round(time.time() - started), "rows": rows}
     write_results(Path(args.out), "runtime", summary, markdown(summary))
 
 
