@@ -16,11 +16,11 @@ from owled_ros.model.sparse_kernels import is_two_four
 from owled_ros.model.vision import load_backbone_weights
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.pruning.alps import alps_
-from owled_ros.pruning.engine import DEFAULT_LAM, LAM_GRID, M_GRID, PruneSpec, prunable, prune_model
+from owled_ros.pruning.engine import DEFAULT_LAM, LAM_GRID, M_GRID, OneShot, PruneSpec, prunable, prune_model, removal_mask
 from owled_ros.pruning.run import PruneError, prune
 from owled_ros.pruning.sparsegpt import sparsegpt_
 from owled_ros.pruning.sparsity import (heavy_tail_alpha, nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask,
-                                        wanda_scores)
+                                        row_ranks, wanda_scores)
 
 
 class ToyBlock(nn.Module):
@@ -61,6 +61,27 @@ def test_row_mask_removes_the_same_count_from_every_row(sparsity):
     removed_max = torch.where(mask, scores, -1).max(1).values
     kept_min = torch.where(~mask, scores, 2).min(1).values
     assert (removed_max <= kept_min).all()  # lowest scores go
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.37, 0.5, 0.7])
+def test_row_ranks_below_k_remove_what_row_mask_removes(sparsity):
+    scores = torch.rand(17, 96)
+    assert torch.equal(row_ranks(scores) < int(96 * sparsity), row_mask(scores, sparsity))
+
+
+def test_one_shot_trials_remove_what_the_pruner_would_and_restore_every_weight():
+    torch.manual_seed(0)
+    toy = Toy()
+    dense = copy.deepcopy(toy.state_dict())
+    norms = {"llm": [{"fc": torch.rand(32) + 0.1} for _ in toy.blocks]}
+    one_shot = OneShot(toy.components(), norms, "wanda")
+    for first in (0.25, 0.6):  # a second allocation reuses the ranks of the first
+        with one_shot.pruned({"llm": [{"fc": (first, None)}, {"fc": (None, (2, 4))}]}):
+            for i, (sparsity, nm) in enumerate([(first, None), (None, (2, 4))]):
+                expected = removal_mask(dense[f"blocks.{i}.fc.weight"], norms["llm"][i]["fc"], sparsity, nm)
+                assert torch.equal(toy.blocks[i].fc.weight == 0, expected)
+        for name, weight in toy.state_dict().items():
+            assert torch.equal(weight, dense[name]), name
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])

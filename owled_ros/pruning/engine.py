@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from .alps import alps_
 from .sparsegpt import sparsegpt_
-from .sparsity import heavy_tail_alpha, nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask, wanda_scores
+from .sparsity import (heavy_tail_alpha, nm_mask, nm_selection, outlier_ratio, owl_allocation, row_mask, row_ranks,
+                       wanda_scores)
 
 log = logging.getLogger(__name__)
 PRUNERS = ("magnitude", "wanda", "sparsegpt", "alps")
@@ -252,9 +253,14 @@ def prune_layer(module, stats, pruner, sparsity, nm):
         weight[mask] = 0
 
 
+def removal_scores(weight, input_sq_norm):
+    """Wanda scores, or |W| without input statistics: the lowest go first."""
+    return weight.detach().abs() if input_sq_norm is None else wanda_scores(weight.detach(), input_sq_norm)
+
+
 def removal_mask(weight, input_sq_norm, sparsity, nm):
-    """The weights to remove: the lowest Wanda scores (|W| without input statistics) per row or N:M group."""
-    scores = weight.detach().abs() if input_sq_norm is None else wanda_scores(weight.detach(), input_sq_norm)
+    """The weights to remove: the lowest removal scores per row or N:M group."""
+    scores = removal_scores(weight, input_sq_norm)
     return nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
 
 
@@ -288,27 +294,43 @@ def outlier_pass(model, components, samples, run, m_factors):
     return found, norms, captured
 
 
-@contextlib.contextmanager
-def masked(components, plans, norms, pruner):
+class OneShot:
     """Every planned layer pruned at once by magnitude or Wanda scores from the dense statistics (no
-    reconstruction, no sequential pass), the weights restored on exit."""
-    removed = []
-    with torch.no_grad():
-        for component, blocks in components.items():
-            for block, plan, block_norms in zip(blocks, plans[component], norms[component]):
-                for name, module in prunable(block).items():
-                    sparsity, nm = plan[name]
-                    if not nm and not sparsity:
-                        continue
-                    weight = matrix(module)
-                    mask = removal_mask(weight, None if pruner == "magnitude" else block_norms[name], sparsity, nm)
-                    removed.append((weight, mask, weight[mask].clone()))
-                    weight[mask] = 0
-        try:
-            yield
-        finally:
-            for weight, mask, values in removed:
-                weight[mask] = values
+    reconstruction, no sequential pass), the weights restored on exit: the real pruner's stand-in while
+    allocations are scored. A layer's ranks (or its N:M mask) are computed at its first use and its dense
+    weight kept (memory: a copy of the prunable weights), so a later allocation costs a comparison and a copy
+    per weight, not a selection."""
+
+    def __init__(self, components, norms, pruner):
+        self.layers = {(component, index, name): (matrix(module), None if pruner == "magnitude" else block_norms[name])
+                       for component, blocks in components.items()
+                       for index, (block, block_norms) in enumerate(zip(blocks, norms[component]))
+                       for name, module in prunable(block).items()}
+        self.selections, self.dense = {}, {}
+
+    def kept(self, key, sparsity, nm):
+        """The weights the trial keeps, as a mask."""
+        weight, norm = self.layers[key]
+        if (key, nm) not in self.selections:
+            scores = removal_scores(weight, norm)
+            self.selections[key, nm] = ~nm_mask(scores, *nm) if nm else row_ranks(scores)
+        selection = self.selections[key, nm]
+        return selection if nm else selection >= int(weight.shape[1] * sparsity)
+
+    @contextlib.contextmanager
+    def pruned(self, plans):
+        with torch.no_grad():
+            try:
+                for key, (weight, _) in self.layers.items():
+                    sparsity, nm = plans[key[0]][key[1]][key[2]]
+                    if nm or sparsity:
+                        if key not in self.dense:
+                            self.dense[key] = weight.detach().clone()
+                        weight.mul_(self.kept(key, sparsity, nm))  # faster than masked_fill_ on CPUs
+                yield
+            finally:
+                for key, dense in self.dense.items():
+                    self.layers[key][0].copy_(dense)
 
 
 def search_allocation(model, components, samples, run, spec, outliers, norms):
@@ -317,14 +339,14 @@ def search_allocation(model, components, samples, run, spec, outliers, norms):
     otherwise: a cheap stand-in for the real pruner). M first, at OWL's default lambda (or the one given),
     then lambda at the best M. The choice goes into spec, every point scored into spec.search."""
     ms, lams = spec.candidates()
-    samples, scored = samples[:SEARCH_SAMPLES], {}
+    samples, scored, one_shot = samples[:SEARCH_SAMPLES], {}, OneShot(components, norms, spec.pruner)
 
     def loss(m_factor, lam):
         if (m_factor, lam) not in scored:
             trial = replace(spec, m_factor=m_factor, lam=lam)
             plans = {c: allocate(c, blocks, [o[m_factor] for o in outliers[c]] if trial.outlier_weighted else None, trial)
                      for c, blocks in components.items()}
-            with masked(components, plans, norms, spec.pruner):
+            with one_shot.pruned(plans):
                 scored[m_factor, lam] = float(np.mean([float(run(model, sample)) for sample in samples]))
         return scored[m_factor, lam]
 

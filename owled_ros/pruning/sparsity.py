@@ -17,6 +17,16 @@ def row_mask(scores, sparsity):
     return mask
 
 
+def row_ranks(scores):
+    """Each score's rank in its row, 0 the lowest: `ranks < k` removes what row_mask removes at k / cols
+    (ties aside), for any k, without another selection."""
+    rows, cols = scores.shape
+    dtype = torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
+    ranks = torch.empty(rows, cols, dtype=dtype)
+    ranks.scatter_(1, scores.argsort(dim=1), torch.arange(cols, dtype=dtype).expand(rows, cols))
+    return ranks
+
+
 def nm_mask(scores, n, m):
     """Mask that keeps the n highest scores of every m consecutive inputs of each row."""
     rows, cols = scores.shape
