@@ -298,8 +298,8 @@ class OneShot:
     """Every planned layer pruned at once by magnitude or Wanda scores from the dense statistics (no
     reconstruction, no sequential pass), the weights restored on exit: the real pruner's stand-in while
     allocations are scored. A layer's ranks (or its N:M mask) are computed at its first use and its dense
-    weight kept (memory: a copy of the prunable weights), so a later allocation costs a comparison and a copy
-    per weight, not a selection."""
+    weight kept (memory: a copy of the prunable weights), so a later allocation costs a comparison, a multiply
+    and a copy back per weight, not a selection."""
 
     def __init__(self, components, norms, pruner):
         self.layers = {(component, index, name): (matrix(module), None if pruner == "magnitude" else block_norms[name])
@@ -325,7 +325,7 @@ class OneShot:
                     sparsity, nm = plans[key[0]][key[1]][key[2]]
                     if nm or sparsity:
                         if key not in self.dense:
-                            self.dense[key] = weight.detach().clone()
+                            self.dense[key] = weight.clone()
                         weight.mul_(self.kept(key, sparsity, nm))  # faster than masked_fill_ on CPUs
                 yield
             finally:
