@@ -163,9 +163,13 @@ def test_the_converted_model_cache_keeps_the_entries_used_last_of_models_that_st
     assert sorted(e.name for e in root.iterdir()) == ["being-made", "entry2", "entry3"]
 
 
-def test_int8_linears_are_within_their_rounding_error_in_both_kernels():
+@pytest.mark.parametrize("bf16_product", [True, False])
+def test_int8_linears_are_within_their_rounding_error_in_both_kernels(monkeypatch, bf16_product):
+    from owled_ros.runtime import int8
     from owled_ros.runtime.int8 import KERNEL_ROWS, Int8Linear
 
+    monkeypatch.setattr(int8, "BF16_PRODUCT", bf16_product)  # long inputs: bfloat16, or fp32 a slice at a time
+    monkeypatch.setattr(int8, "SLICE_WEIGHTS", 96 * 7)  # slices of 7, 56 and 168 output rows, the last one short
     torch.manual_seed(0)
     for width in (96, 12, 4):  # the kernel takes inputs 8 wide at a time: 12 crashed it, 4 gave NaN
         dense = torch.nn.Linear(width, 40)
@@ -177,6 +181,10 @@ def test_int8_linears_are_within_their_rounding_error_in_both_kernels():
             step = quantized.scales.float()[:, None] / 2 + dense.weight.detach().abs() / 2**7
             bound = x.abs() @ step.T + dense(x).abs() / 2**7 + 1e-4
             assert ((quantized(x) - dense(x)).abs() <= bound).all()
+        if not bf16_product:  # fp32 throughout: only the weights' rounding, to fp32's precision
+            x = torch.randn(KERNEL_ROWS + 5, width)
+            dequantized = quantized.qweight.float() * quantized.scales.float()[:, None]
+            assert torch.allclose(quantized(x), torch.nn.functional.linear(x, dequantized, dense.bias), atol=1e-5)
     dense = torch.nn.Linear(96, 40)
     quantized = Int8Linear(dense.weight, dense.bias)
     x = torch.randn(3, 7, 96)  # leading dimensions kept; both paths give the same product
