@@ -51,7 +51,8 @@ def cmd_prune(args):
     logging.getLogger("owled_ros.pruning").setLevel(logging.INFO)  # per-block targets, achieved, outlier ratios
     report = prune(args.model, args.out, args.method, args.sparsity, args.calib, args.nm, args.M,
                    args.lam, args.nsamples, args.seed, pruner=args.pruner, allocation=args.allocation,
-                   outlier_ratio=args.outlier_ratio, layout=args.layout, max_memory=args.max_memory, answers=args.answers)
+                   outlier_ratio=args.outlier_ratio, layout=args.layout, max_memory=args.max_memory, answers=args.answers,
+                   questions=args.questions)
     achieved = report["achieved"]
     print(f"pruned {report['model_id']} with {report['method']}: achieved sparsity "
           f"{achieved['pruned_components']:.4f} over pruned components ({achieved['whole_model']:.4f} of all "
@@ -142,7 +143,7 @@ def cmd_bench(args):
     from .eval.bench import run_bench
 
     plan = {key: tuple(getattr(args, key)) for key in ("sparsities", "methods", "high_methods", "nm_methods",
-                                                        "answer_methods") if getattr(args, key) is not None}
+                                                        "answer_methods", "question_methods") if getattr(args, key) is not None}
     run_bench(args.model, args.out, nsamples=args.nsamples, eval_frames=args.eval_frames,
               generated_frames=args.generated_frames, calib=args.calib, eval_set=args.eval, resume=args.resume,
               skip=args.skip, **plan)
@@ -213,7 +214,10 @@ def parser():
                                            f"calibration data among {', '.join(f'{m:g}' for m in M_GRID)})")
     s.add_argument("--lam", type=float, help="the allocation's band is 2 lambda wide (owl, alpha; default: chosen from the "
                                            f"calibration data among {', '.join(f'{l:g}' for l in LAM_GRID)})")
-    s.add_argument("--nsamples", type=POSITIVE, default=128)
+    s.add_argument("--nsamples", type=POSITIVE, default=128, help="calibration samples: frame sets, or text windows")
+    s.add_argument("--questions", type=POSITIVE, default=1,
+                   help="samples of each driving frame set, one per question in turn (a small drive calibrates on "
+                        "more of what the model answers)")
     s.add_argument("--answers", choices=ANSWERS, default="reference",
                    help="driving calibration answers: the set's (the dense model's where it has none), or the dense "
                         "model's own for every sample (calibrates on what the model says)")
@@ -298,7 +302,8 @@ def parser():
                    help="targets (default 0.5 0.6 0.7); every method runs at the first")
     for flag, help_text in (("--methods", "pruned at the first sparsity"), ("--high-methods", "also at the other sparsities"),
                             ("--nm-methods", "in 2:4 (OWL ones at 40 %% with the outlier-heavy layers dense)"),
-                            ("--answer-methods", "at every sparsity again, calibrated on the dense model's answers")):
+                            ("--answer-methods", "at every sparsity again, calibrated on the dense model's answers"),
+                            ("--question-methods", "at every sparsity again, calibrated on every question of each frame set")):
         s.add_argument(flag, nargs="*", choices=list(METHODS), help=f"{help_text} (default: the full sweep's)")
     s.add_argument("--skip", nargs="+", default=[], metavar="RUN", help="runs of the plan to leave out, by name (owled-alps-0.6)")
     s.set_defaults(func=cmd_bench)

@@ -111,13 +111,13 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
     with pytest.raises(ValueError, match="has 5 frame sets; --eval-frames asks for 6"):
         run_bench(tmp_path / "model", tmp_path / "out", eval_set=tmp_path / "eval", eval_frames=6)
     summary = run_bench(tmp_path / "model", tmp_path / "out", sparsities=(0.5,), nm="2:4", methods=("wanda", "owled"),
-                        nm_methods=("wanda", "owled"), answer_methods=("owled",), nsamples=8, eval_frames=4,
+                        nm_methods=("wanda", "owled"), answer_methods=("owled",), question_methods=("owled",), nsamples=8, eval_frames=4,
                         generated_frames=2, max_new_tokens=4,
                         eval_set=tmp_path / "eval", calib=tmp_path / "calib", log=lambda *_: None)
     assert summary["frames"] == "synthetic"
     names = [r["name"] for r in summary["results"]]
-    assert names == ["dense", "dense, blank images", "wanda-0.5", "owled-0.5", "owled-dense-answers-0.5", "wanda-2:4",
-                     "owled-2:4-0.4"]
+    assert names == ["dense", "dense, blank images", "wanda-0.5", "owled-0.5", "owled-dense-answers-0.5",
+                     "owled-all-questions-0.5", "wanda-2:4", "owled-2:4-0.4"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     for row in saved["results"]:
         for key in [k for k, _ in CLOSED + GENERATED]:
@@ -126,10 +126,10 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
         assert all(len(v) == 4 for v in row["items"].values())  # one value per frame set
         assert {key for key, _ in COST} - {"prune_s", "prune_peak_mb"} <= set(row)
     assert saved["results"][3]["achieved"] == pytest.approx(0.5, abs=0.02)
-    assert saved["results"][6]["achieved"] == pytest.approx(0.4, abs=0.1)
+    assert saved["results"][7]["achieved"] == pytest.approx(0.4, abs=0.1)
     pruned = names[2:]
     assert {(c["challenger"], c["baseline"]) for c in saved["comparisons"]} == {
-        ("owled-0.5", "wanda-0.5"), ("owled-dense-answers-0.5", "owled-0.5")} | {
+        ("owled-0.5", "wanda-0.5"), ("owled-dense-answers-0.5", "owled-0.5"), ("owled-all-questions-0.5", "owled-0.5")} | {
         (name, "dense") for name in pruned}  # closed mean and generated answers against the dense model's
     for name in pruned:
         assert {c["metric"] for c in saved["comparisons"] if (c["challenger"], c["baseline"]) == (name, "dense")} == {
@@ -146,7 +146,8 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
     assert len(paired) == 2 + len(saved["comparisons"])
     # a row's recorded command makes its model again
     assert saved["results"][4]["args"][-2:] == ["--answers", "dense"]
-    args = saved["results"][6]["args"]
+    assert saved["results"][5]["args"][-2:] == ["--questions", "6"]  # every question kind of the world
+    args = saved["results"][7]["args"]
     assert args[:2] == ["owled", "prune"] and "--out" in args
     args[args.index("--out") + 1] = str(tmp_path / "again")
     subprocess.run([sys.executable, "-m", "owled_ros.cli", *args[1:]], check=True, capture_output=True)
@@ -169,7 +170,7 @@ def test_bench_command_line_chooses_the_plan(monkeypatch):
     assert called["skip"] == ["wanda-0.5"]
     assert called["sparsities"] == (0.5, 0.7) and called["methods"] == ("wanda", "owled-alps")
     assert called["high_methods"] == () and called["nm_methods"] == ("sparsegpt",)
-    assert "answer_methods" not in called  # not given: run_bench's own default
+    assert "answer_methods" not in called and "question_methods" not in called  # not given: run_bench's own default
     assert runs(called["sparsities"], "2:4", called["methods"], called["high_methods"], called["nm_methods"], 0) == [
         ("wanda-0.5", "wanda", "wanda", "0.5", None, []), ("owled-alps-0.5", "owled-alps", "owled-alps", "0.5", None, []),
         ("sparsegpt-2:4", "sparsegpt", "sparsegpt", None, "2:4", [])]

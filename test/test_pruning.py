@@ -599,3 +599,32 @@ def test_frame_sets_without_answers_or_asked_to_calibrate_on_the_dense_models_ow
     with pytest.raises(PruneError, match="--answers dense needs driving calibration"):
         prune(tiny_dirs / "model", tmp_path / "text", "wanda", "0.5", tiny_dirs / "text.txt", nsamples=4, answers="dense")
     assert not (tmp_path / "text").exists()
+
+
+def test_questions_take_each_frame_set_again_with_its_next_question(tiny_dirs, tmp_path):
+    from owled_ros.data.calib import read_samples
+    from owled_ros.pruning.calibration import driving_samples
+
+    write_synthetic(tmp_path / "calib", 4, seed=5)
+    frame_sets = read_samples(tmp_path / "calib")  # 6 questions each
+
+    def sources(triples):
+        """(frame set id, question) of each triple, its answer checked against that frame set's."""
+        found = []
+        for images, question, answer in triples:
+            source = next(s for s in frame_sets if all((s.images()[view] == images[view]).all() for view in images))
+            assert (question, answer) in [(p["question"], p["answer"]) for p in source.qa]
+            found.append((source.id, question))
+        return found
+
+    one = sources(driving_samples(tmp_path / "calib", 3)[0])
+    three = sources(driving_samples(tmp_path / "calib", 3, questions=3)[0])
+    assert three[:3] == one and len(three) == 9  # the first turn as before, then each set's next question
+    assert [i for i, _ in three] == [i for i, _ in one] * 3 and len(set(three)) == 9  # never a question twice
+    assert len(set(sources(driving_samples(tmp_path / "calib", 4, questions=10)[0]))) == 24  # all a set has
+    report = prune(tiny_dirs / "model", tmp_path / "out", "wanda", "0.5", tiny_dirs / "calib", nsamples=4, questions=2,
+                   progress=False)
+    assert report["calibration"]["nsamples"] == 8 and report["calibration"]["questions"] == 2
+    with pytest.raises(PruneError, match="--questions 2 needs driving calibration"):
+        prune(tiny_dirs / "model", tmp_path / "text", "wanda", "0.5", tiny_dirs / "text.txt", nsamples=4, questions=2)
+    assert not (tmp_path / "text").exists()

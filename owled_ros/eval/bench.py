@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..data.calib import read_samples, write_synthetic
+from ..data.world import QUESTIONS
 from ..model import load_model
 from ..model.build import resolve_model
 from .evaluate import PAIRED_GENERATED, ResampledScores, evaluate, paired_generated
@@ -36,10 +37,10 @@ COST = [("ppl_driving", "ppl driving"), ("size_mb", "size MB"),
         ("seconds_per_answer", "s/answer"), ("prune_s", "prune s"), ("prune_peak_mb", "prune peak MB")]
 # (challenger, baseline): the same pruner and calibration, OWL's allocation against the uniform one; SparseGPT's
 # reconstruction against Wanda's scores, ALPS's against SparseGPT's; the dense model's answers as calibration
-# targets against the calibration set's own
+# targets against the calibration set's own, and every question of a calibration frame set against one
 PAIRS = [("owled", "wanda"), ("owled-sparsegpt", "sparsegpt"), ("owled-alps", "alps"), ("sparsegpt", "wanda"),
          ("alps", "sparsegpt"), ("owled-sparsegpt", "owled"), ("owled-alps", "owled-sparsegpt"), ("owled", "owl")] + [
-    (f"{m}-dense-answers", m) for m in METHODS]
+    (f"{m}-dense-answers", m) for m in METHODS] + [(f"{m}-all-questions", m) for m in METHODS]
 COMPARED = ["closed_mean_acc", "action_acc", "light_acc"]
 
 
@@ -48,16 +49,20 @@ def text_path(name):
     return Path(resources.files("owled_ros") / "data" / "text" / f"{name}.txt")
 
 
-def runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity, answer_methods=()):
+def runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity, answer_methods=(), question_methods=(),
+         questions=1):
     """(name, label, method, sparsity spec, nm, extra arguments) of the sweep (label: the method and variant that
     paired comparisons match): every method at the first sparsity,
     high_methods at the others; nm_methods in N:M: uniform ones on every linear, OWL ones at 40 % with the
     most outlier-heavy layers dense; answer_methods at every sparsity again, calibrated on the dense model's
-    own answers."""
+    own answers; question_methods at every sparsity again, calibrated on `questions` questions of each frame
+    set."""
     plan = [(f"{m}-{s:g}", m, m, f"{s:g}", None, []) for i, s in enumerate(sparsities) for m in methods
             if i == 0 or m in high_methods]
     plan += [(f"{m}-dense-answers-{s:g}", f"{m}-dense-answers", m, f"{s:g}", None, ["--answers", "dense"])
              for s in sparsities for m in answer_methods]
+    plan += [(f"{m}-all-questions-{s:g}", f"{m}-all-questions", m, f"{s:g}", None, ["--questions", str(questions)])
+             for s in sparsities for m in question_methods]
     for m in nm_methods if nm else ():
         plan.append((f"{m}-{nm}-0.4", m, m, "0.4", nm, []) if METHODS[m][1] == "owl" else (f"{m}-{nm}", m, m, None, nm, []))
     if component_sparsity:
@@ -91,13 +96,16 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sp
               generated_frames=100, max_new_tokens=32,
               methods=("wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt", "alps", "owled-alps"),
               high_methods=("sparsegpt", "owled-sparsegpt", "alps", "owled-alps"),
-              nm_methods=("wanda", "sparsegpt", "owled-sparsegpt"), answer_methods=("owled-sparsegpt",), calib=None,
+              nm_methods=("wanda", "sparsegpt", "owled-sparsegpt"), answer_methods=("owled-sparsegpt",),
+              question_methods=("owled-sparsegpt",), calib=None,
               eval_set=None, resume=False, skip=(), log=print):
     """model_dir: 'default', one of our model directories or a transformers checkpoint (closed questions only
     where the model scores options). calib, eval_set: calibration and held-out frame sets (directories);
     default synthetic 2-D ones. resume: keep the rows an interrupted run measured with the same settings.
-    skip: names of planned runs to leave out (owled-alps-0.6)."""
-    plan = runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity, answer_methods)
+    skip: names of planned runs to leave out (owled-alps-0.6). question_methods calibrate on every question kind
+    our worlds ask of each calibration frame set."""
+    plan = runs(sparsities, nm, methods, high_methods, nm_methods, component_sparsity, answer_methods,
+                question_methods, len(QUESTIONS))
     if unknown := set(skip) - {run[0] for run in plan}:
         raise ValueError(f"--skip {' '.join(sorted(unknown))}: not a run of this plan ({' '.join(r[0] for r in plan)})")
     plan = [run for run in plan if run[0] not in skip]

@@ -12,8 +12,9 @@ class CalibrationError(ValueError):
     pass
 
 
-def driving_samples(root, nsamples, seed=0):
-    """nsamples (frames, question, answer) triples from distinct frame sets, questions cycling over kinds."""
+def driving_samples(root, nsamples, seed=0, questions=1):
+    """(frames, question, answer) triples from nsamples distinct frame sets, `questions` of each (fewer where a set
+    has fewer): question kinds cycle over the frame sets, and each set's next questions follow in turn."""
     try:
         frame_sets = read_samples(root)
     except ValueError as error:
@@ -22,15 +23,15 @@ def driving_samples(root, nsamples, seed=0):
         raise CalibrationError(f"calibration set {root} has {len(frame_sets)} frame sets, fewer than the "
                                f"{nsamples} samples asked for (--nsamples)")
     chosen = random.Random(seed).sample(frame_sets, nsamples)
-    triples = []
-    for i, sample in enumerate(chosen):
-        if not sample.qa:
-            raise CalibrationError(f"frame set {sample.id} in {sample.shard} has no driving questions")
-        pair = sample.qa[i % len(sample.qa)]
-        try:
-            triples.append((sample.images(), pair["question"], pair.get("answer", "")))
-        except ValueError as error:
-            raise CalibrationError(str(error)) from None
+    if empty := next((sample for sample in chosen if not sample.qa), None):
+        raise CalibrationError(f"frame set {empty.id} in {empty.shard} has no driving questions")
+    try:
+        images = [sample.images() for sample in chosen]
+    except ValueError as error:
+        raise CalibrationError(str(error)) from None
+    pairs = [(i, sample.qa[(i + turn) % len(sample.qa)]) for turn in range(questions)
+             for i, sample in enumerate(chosen) if turn < len(sample.qa)]
+    triples = [(images[i], pair["question"], pair.get("answer", "")) for i, pair in pairs]
     # the samples used, with their frames' hashes, each checked against the frame's bytes when it was read
     digest = hashlib.sha256("".join(s.to_json() for s in chosen).encode()).hexdigest()
     return triples, {"kind": "driving", "source": str(root), "sha256": digest, "frame_sets": len(frame_sets)}
@@ -72,20 +73,24 @@ def text_samples(path, tokenizer, nsamples, seed=0, tokens=TEXT_TOKENS):
     return chunks, {"kind": "text", "source": str(path), "sha256": digest, "tokens": len(ids)}
 
 
-def load(source, tokenizer, nsamples, seed=0, cache=None):
-    """(samples, run(model, sample), info) for a calibration directory, text file or s3://bucket/prefix."""
+def load(source, tokenizer, nsamples, seed=0, cache=None, questions=1):
+    """(samples, run(model, sample), info) for a calibration directory, text file or s3://bucket/prefix;
+    questions: of each driving frame set (a text file has none to give: more than 1 is an error)."""
     if str(source).startswith("s3://"):
         from ..data.store import pull
         from ..model import cache_dir
 
         local = Path(cache or cache_dir() / "calibration" / hashlib.sha256(str(source).encode()).hexdigest()[:16])
-        samples, run, info = load(pull(str(source), local), tokenizer, nsamples, seed)
+        samples, run, info = load(pull(str(source), local), tokenizer, nsamples, seed, questions=questions)
         return samples, run, info | {"source": str(source)}
     path = Path(source)
     if path.is_dir():
-        samples, info = driving_samples(path, nsamples, seed)
+        samples, info = driving_samples(path, nsamples, seed, questions)
         return samples, lambda model, s: model([s[0]], [s[1]], [s[2]]), info
     if path.is_file():
+        if questions > 1:
+            raise CalibrationError(f"--questions {questions} needs driving calibration (frame sets with questions); "
+                                   f"{source} is a text file")
         samples, info = text_samples(path, tokenizer, nsamples, seed)
         return samples, lambda model, s: model.forward_text([s]), info
     raise CalibrationError(f"calibration source not found: {source}")

@@ -83,7 +83,7 @@ LAYOUTS = ("auto", "dense", "bitmask")
 
 def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_factor=None, lam=None,
           nsamples=128, seed=0, progress=True, pruner=None, allocation=None, outlier_ratio="per-layer", layout="auto",
-          max_memory=None, answers="reference"):
+          max_memory=None, answers="reference", questions=1):
     """Prune model_dir ('default', one of our model directories or a local transformers checkpoint) into out
     (written to a temporary directory, renamed at the end); the arguments are checked before the model is
     read. Returns the report. sparsity: '0.5' or 'llm=0.5,vision=0.2'; default 0.5, or with nm all that N:M
@@ -92,7 +92,8 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
     'bitmask' (our compact layout), 'auto' (the model's own: ours bitmask, transformers checkpoints dense).
     max_memory (e.g. '2GB'): a transformers checkpoint larger than that keeps the rest of its weights on disk,
     each block onloaded while it runs or is pruned. answers: the driving calibration's answer tokens, the set's
-    reference answers (the dense model's where a frame set has none) or the dense model's own for every sample."""
+    reference answers (the dense model's where a frame set has none) or the dense model's own for every sample.
+    questions: samples of each driving frame set, one per question (nsamples x questions samples in all)."""
     start = time.time()
     nm = parse_nm(nm)
     targets = parse_sparsity(sparsity if sparsity is not None else f"{1 - nm[0] / nm[1]:g}" if nm else "0.5")
@@ -109,14 +110,15 @@ def prune(model_dir, out, method="owled", sparsity=None, calib=None, nm=None, m_
     offload = out.with_name(f".{out.name}.offload")
     try:
         model = load_model(model_dir, max_memory=max_memory, offload_folder=offload)
-        return prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layout, max_memory, start, answers)
+        return prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layout, max_memory, start, answers,
+                            questions)
     except ValueError as error:
         raise PruneError(str(error)) from None
     finally:
         shutil.rmtree(offload, ignore_errors=True)
 
 
-def prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layout, max_memory, start, answers):
+def prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layout, max_memory, start, answers, questions):
     targets, nm = spec.targets, spec.nm
     if layout == "bitmask" and getattr(model, "offloaded", 0):
         raise PruneError("--layout bitmask needs the whole model in memory; an offloaded model (--max-memory) is saved dense")
@@ -129,20 +131,20 @@ def prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layo
     if spec.needs_activations or spec.outlier_weighted or spec.searched:
         if calib is None:
             raise PruneError(f"--method {method} needs --calib")
-        samples, run, info = calibration.load(calib, model.tokenizer, nsamples, seed)
+        samples, run, info = calibration.load(calib, model.tokenizer, nsamples, seed, questions=questions)
         check_calibration(method, info)
         if info["kind"] == "driving" and not model.sees_images:
             raise PruneError(f"{model.model_id} is a text-only model: calibrate it with a text file (--calib FILE.txt)")
         if answers == "dense" and info["kind"] != "driving":
             raise PruneError("--answers dense needs driving calibration (frame sets with questions); --calib is a text file")
         if info["kind"] == "driving":
-            info["answers"] = answers
+            info["answers"], info["questions"] = answers, questions
             samples, info["dense_model_answers"] = calibration.dense_answers(model, samples, answers == "dense")
         if any(group_of(t) == "vision" for t in targets) and info["kind"] == "text":
             raise PruneError("pruning the vision side needs image calibration; --calib is a text file")
     records = prune_model(model, samples, run, spec, progress)
 
-    report = make_report(model, records, method, spec, info, nsamples if samples else 0)
+    report = make_report(model, records, method, spec, info, len(samples) if samples else 0)
     report["seconds"] = round(time.time() - start, 1)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
