@@ -236,7 +236,7 @@ def test_an_interrupted_bench_resumes_from_the_rows_it_measured(tmp_path):
     write_synthetic(tmp_path / "eval", 2, seed=31, vehicle="eval")
     write_synthetic(tmp_path / "calib", 8, seed=32, vehicle="calib")
     sweep = dict(sparsities=(0.5,), nm=None, methods=("wanda", "sparsegpt"), high_methods=(), answer_methods=(),
-                 nsamples=8, eval_frames=2, generated_frames=1, eval_set=tmp_path / "eval", calib=tmp_path / "calib")
+                 question_methods=(), nsamples=8, eval_frames=2, generated_frames=1, eval_set=tmp_path / "eval", calib=tmp_path / "calib")
     kept = tmp_path / "out" / "work" / "rows" / "wanda-0.5.json"
 
     def interrupted(**options):
