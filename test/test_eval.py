@@ -111,8 +111,8 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
     with pytest.raises(ValueError, match="has 5 frame sets; --eval-frames asks for 6"):
         run_bench(tmp_path / "model", tmp_path / "out", eval_set=tmp_path / "eval", eval_frames=6)
     summary = run_bench(tmp_path / "model", tmp_path / "out", sparsities=(0.5,), nm="2:4", methods=("wanda", "owled"),
-                        nm_methods=("wanda", "owled"), answer_methods=("owled",), question_methods=("owled",), nsamples=8, eval_frames=4,
-                        generated_frames=2, max_new_tokens=4,
+                        nm_methods=("wanda", "owled"), answer_methods=("owled",), question_methods=("owled",), nsamples=8,
+                        eval_frames=4, generated_frames=2, max_new_tokens=4,
                         eval_set=tmp_path / "eval", calib=tmp_path / "calib", log=lambda *_: None)
     assert summary["frames"] == "synthetic"
     names = [r["name"] for r in summary["results"]]
@@ -129,7 +129,8 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
     assert saved["results"][7]["achieved"] == pytest.approx(0.4, abs=0.1)
     pruned = names[2:]
     assert {(c["challenger"], c["baseline"]) for c in saved["comparisons"]} == {
-        ("owled-0.5", "wanda-0.5"), ("owled-dense-answers-0.5", "owled-0.5"), ("owled-all-questions-0.5", "owled-0.5")} | {
+        ("owled-0.5", "wanda-0.5"), ("owled-dense-answers-0.5", "owled-0.5"),
+        ("owled-all-questions-0.5", "owled-0.5")} | {
         (name, "dense") for name in pruned}  # closed mean and generated answers against the dense model's
     for name in pruned:
         assert {c["metric"] for c in saved["comparisons"] if (c["challenger"], c["baseline"]) == (name, "dense")} == {
@@ -236,7 +237,8 @@ def test_an_interrupted_bench_resumes_from_the_rows_it_measured(tmp_path):
     write_synthetic(tmp_path / "eval", 2, seed=31, vehicle="eval")
     write_synthetic(tmp_path / "calib", 8, seed=32, vehicle="calib")
     sweep = dict(sparsities=(0.5,), nm=None, methods=("wanda", "sparsegpt"), high_methods=(), answer_methods=(),
-                 question_methods=(), nsamples=8, eval_frames=2, generated_frames=1, eval_set=tmp_path / "eval", calib=tmp_path / "calib")
+                 question_methods=(), nsamples=8, eval_frames=2, generated_frames=1, eval_set=tmp_path / "eval",
+                 calib=tmp_path / "calib")
     kept = tmp_path / "out" / "work" / "rows" / "wanda-0.5.json"
 
     def interrupted(**options):

@@ -169,7 +169,7 @@ def test_int8_linears_are_within_their_rounding_error_in_both_kernels(monkeypatc
     from owled_ros.runtime.int8 import KERNEL_ROWS, Int8Linear
 
     monkeypatch.setattr(int8, "BF16_PRODUCT", bf16_product)  # long inputs: bfloat16, or fp32 a slice at a time
-    monkeypatch.setattr(int8, "SLICE_WEIGHTS", 96 * 7)  # slices of 7, 56 and 168 output rows, the last one short
+    monkeypatch.setattr(int8, "SLICE_WEIGHTS", 96 * 7)  # width 96: slices of 7 output rows, the last one 5
     torch.manual_seed(0)
     for width in (96, 12, 4):  # the kernel takes inputs 8 wide at a time: 12 crashed it, 4 gave NaN
         dense = torch.nn.Linear(width, 40)

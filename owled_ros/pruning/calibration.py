@@ -75,7 +75,7 @@ def text_samples(path, tokenizer, nsamples, seed=0, tokens=TEXT_TOKENS):
 
 def load(source, tokenizer, nsamples, seed=0, cache=None, questions=1):
     """(samples, run(model, sample), info) for a calibration directory, text file or s3://bucket/prefix;
-    questions: of each driving frame set (a text file has none to give: more than 1 is an error)."""
+    questions: of each driving frame set."""
     if str(source).startswith("s3://"):
         from ..data.store import pull
         from ..model import cache_dir
@@ -88,9 +88,6 @@ def load(source, tokenizer, nsamples, seed=0, cache=None, questions=1):
         samples, info = driving_samples(path, nsamples, seed, questions)
         return samples, lambda model, s: model([s[0]], [s[1]], [s[2]]), info
     if path.is_file():
-        if questions > 1:
-            raise CalibrationError(f"--questions {questions} needs driving calibration (frame sets with questions); "
-                                   f"{source} is a text file")
         samples, info = text_samples(path, tokenizer, nsamples, seed)
         return samples, lambda model, s: model.forward_text([s]), info
     raise CalibrationError(f"calibration source not found: {source}")

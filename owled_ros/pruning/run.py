@@ -137,6 +137,9 @@ def prune_loaded(model, out, method, spec, calib, nsamples, seed, progress, layo
             raise PruneError(f"{model.model_id} is a text-only model: calibrate it with a text file (--calib FILE.txt)")
         if answers == "dense" and info["kind"] != "driving":
             raise PruneError("--answers dense needs driving calibration (frame sets with questions); --calib is a text file")
+        if questions > 1 and info["kind"] != "driving":
+            raise PruneError(f"--questions {questions} needs driving calibration (frame sets with questions); "
+                             "--calib is a text file")
         if info["kind"] == "driving":
             info["answers"], info["questions"] = answers, questions
             samples, info["dense_model_answers"] = calibration.dense_answers(model, samples, answers == "dense")
