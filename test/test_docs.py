@@ -77,3 +77,22 @@ def test_the_pinned_versions_the_docs_give_are_those_setup_installs():
              for package, version in re.findall(r"\b([a-z][\w.-]*)==([\w.+]+)", document.read_text())]
     assert given and all(pinned.get(package) == version for package, version in given), [
         (package, version, pinned.get(package)) for package, version in given if pinned.get(package) != version]
+
+
+def test_the_pick_at_a_target_keeps_the_most_of_dense_generated_answers_and_shows_its_options():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from update_readme import picks
+
+    def row(name, target, exact_match, cider, args=()):
+        metrics = {"closed_mean_acc": (0.6, 0.5, 0.7), "gen_action_exact_match": (exact_match, 0, 1),
+                   "gen_cider": (cider, 0, 10)}
+        return {"name": name, "target": target, "metrics": metrics, "size_mb": 1.0,
+                "args": ["owled", "prune", "--method", name.rsplit("-", 1)[0], "--sparsity", target, *args]}
+
+    dense = row("dense-0", "0", 0.6, 6.0)
+    runs = [row("cider-0.5", "0.5", 0.3, 5.9),  # the highest CIDEr, half of dense's exact match
+            row("wording-0.5", "0.5", 0.57, 5.7, ["--questions", "6"])]  # a little less CIDEr, the wording kept
+    sweep = {"model": "m", "eval_frame_sets": 2, "generated_frame_sets": 2, "results": [dense, dense, *runs],
+             "comparisons": [], "comparison_confidence": 0.95}
+    line = next(line for line in picks(sweep) if line.startswith("| 50 %"))
+    assert "`--method wording --questions 6`" in line and "0.570" in line
