@@ -52,8 +52,10 @@ def picks(sweep):
         shown = [f"{a} {args[i + 1]}" for i, a in enumerate(args) if a in ("--method", "--answers", "--questions")]
         return f"`{' '.join(shown)}`"
 
+    shared = [key for key in ("gen_action_exact_match", "gen_cider") if dense["metrics"][key][0] > 0]  # a share of 0 is none
+
     def kept(row):
-        return sum(row["metrics"][key][0] / dense["metrics"][key][0] for key in ("gen_action_exact_match", "gen_cider")) / 2
+        return sum(row["metrics"][key][0] / dense["metrics"][key][0] for key in shared) / max(len(shared), 1)
 
     lines = [f"**Which pruner at which sparsity, on the default driving model** (`{Path(sweep['model']).name}`; "
              f"{sweep['eval_frame_sets']} held-out MetaDrive frame sets, generated answers on {sweep['generated_frame_sets']}; "

@@ -96,3 +96,8 @@ def test_the_pick_at_a_target_keeps_the_most_of_dense_generated_answers_and_show
              "comparisons": [], "comparison_confidence": 0.95}
     line = next(line for line in picks(sweep) if line.startswith("| 50 %"))
     assert "`--method wording --questions 6`" in line and "0.570" in line
+
+    # A dense model that never matches the action's wording: the pick is the run that keeps the most CIDEr.
+    dense["metrics"]["gen_action_exact_match"] = (0.0, 0.0, 0.0)
+    line = next(line for line in picks(sweep) if line.startswith("| 50 %"))
+    assert "`--method cider`" in line
