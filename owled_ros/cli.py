@@ -19,7 +19,7 @@ def cmd_build_default(args):
     from .model.build import BUILD, DEFAULT_SHA256, DEFAULT_WEIGHTS, build_default
 
     digest = build_default(args.out, args.frames, BUILD | {"steps": args.steps} if args.steps else BUILD)
-    same = "the same as" if digest == DEFAULT_SHA256 else "not the shipped file (llvmpipe renders differ slightly):"
+    same = "the same as" if digest == DEFAULT_SHA256 else "not the shipped file (renders and training round differently across CPUs):"
     print(f"{Path(args.out) / DEFAULT_WEIGHTS.name}: SHA-256 {digest}, {same} {DEFAULT_SHA256}\n"
           f"model directory (--model {args.out}) and the shippable file are in {args.out}")
 

@@ -81,10 +81,8 @@ def test_the_same_spec_renders_the_same_scene_in_another_process(rendered, tmp_p
     again = render_world(tmp_path / "again", specs=[RED_LIGHT])[0]
     first = rendered["metadrive-11"]
     assert again.truth == first.truth and again.qa == first.qa
-    for camera in CAMERAS:
-        # llvmpipe's multi-threaded rasteriser is not bit-exact: the same scene is within a few grey levels
-        # (two different scenes differ by tens)
-        assert np.abs(again.image(camera).astype(int) - first.image(camera)).mean() < 3.0
+    for camera in CAMERAS:  # the same pixels: held-out sets rendered in different runs are the same frame sets
+        assert np.array_equal(again.image(camera), first.image(camera)), camera
 
 
 def test_rendered_frame_sets_round_trip_through_a_bag(rendered, tmp_path):

@@ -97,7 +97,7 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sp
               methods=("wanda", "sparsegpt", "owl", "owled", "owled-sparsegpt", "alps", "owled-alps"),
               high_methods=("sparsegpt", "owled-sparsegpt", "alps", "owled-alps"),
               nm_methods=("wanda", "sparsegpt", "owled-sparsegpt"), answer_methods=("owled-sparsegpt",),
-              question_methods=("owled-sparsegpt",), calib=None,
+              question_methods=("owled-sparsegpt", "owled-alps"), calib=None,
               eval_set=None, resume=False, skip=(), log=print):
     """model_dir: 'default', one of our model directories or a transformers checkpoint (closed questions only
     where the model scores options). calib, eval_set: calibration and held-out frame sets (directories);
