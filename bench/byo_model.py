@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "test"))
 from hf_models import FAMILIES  # noqa: E402
 from owled_ros.data.metadrive_world import DEMO_FRAMES  # noqa: E402
 from owled_ros.eval.bench import table, text_path  # noqa: E402
+from owled_ros.eval.machine import cpu  # noqa: E402
 from owled_ros.model.build import save_smollm2  # noqa: E402
-from results_io import cpu, write_results  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 VLM_RUNS = [("owled-sparsegpt", "llm=0.5,vision=0.5", None), ("owled", "llm=0.5,vision=0.5", None),
             ("owled-sparsegpt", "llm=0.5,vision=0.5", "2:4")]

@@ -9,8 +9,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from owled_ros.eval.machine import cpu
 from owled_ros.nodes.demo import run_demo
-from results_io import cpu, write_results
+from results_io import write_results
 
 
 def markdown(rows):

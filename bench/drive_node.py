@@ -34,13 +34,14 @@ from owled_ros.data.bags import camera_messages, carla_topics, write_drive
 from owled_ros.data.calib import read_samples, write_synthetic
 from owled_ros.data.metadrive_world import DEMO_FRAMES
 from owled_ros.data.world import CAMERAS
+from owled_ros.eval.machine import cpu
 from owled_ros.model.build import resolve_model
 from owled_ros.model.vlm import DrivingVLM
 from owled_ros.msg import PredictedAction
 from owled_ros.nodes.demo import dds_profile, node_process, size_mb, stop
 from owled_ros.nodes.replay import to_ros
 from owled_ros.pruning.run import prune
-from results_io import cpu, write_results
+from results_io import write_results
 
 RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
 STAGES = [("transport_s", "transport"), ("convert_s", "convert"), ("queue_s", "queue"), ("encode_s", "image encoding"),

@@ -21,9 +21,10 @@ from owled_ros.data.bags import write_drive
 from owled_ros.data.calib import read_samples
 from owled_ros.data.metadrive_world import DEMO_FRAMES
 from owled_ros.data.world import CAMERAS
+from owled_ros.eval.machine import cpu
 from owled_ros.model.build import resolve_model
 from owled_ros.nodes.demo import dds_profile, node_process
-from results_io import cpu, write_results
+from results_io import write_results
 
 WARM_UP_S = 60
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results_io import cpu, write_results  # noqa: E402
+from owled_ros.eval.machine import cpu  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 QUESTIONS = ["What are the important objects in the current scene?", "What should the ego vehicle do?"]
 DENSE_CONFIGS = [("torch", "float32"), ("torch", "bfloat16"), ("torch-int8", "float32"), ("openvino", "float32"),

@@ -25,8 +25,7 @@ def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("OWLED_SUITE_RESULTS")
     if not path:
         return
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    from results_io import cpu
+    from owled_ros.eval.machine import cpu
 
     outcomes = session.config.pluginmanager.get_plugin("terminalreporter").stats
     seconds = time.monotonic() - session.started

@@ -1,6 +1,7 @@
 """Metrics against hand computations and the reference packages, parsers, perplexity, and the bench's columns."""
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -115,6 +116,7 @@ def test_bench_writes_every_metric_with_its_interval_and_the_paired_comparisons(
                         eval_frames=4, generated_frames=2, max_new_tokens=4,
                         eval_set=tmp_path / "eval", calib=tmp_path / "calib", log=lambda *_: None)
     assert summary["frames"] == "synthetic"
+    assert summary["cpu"]["cores"] == os.cpu_count() and summary["cpu"]["model"] in (tmp_path / "out" / "results.md").read_text()
     names = [r["name"] for r in summary["results"]]
     assert names == ["dense", "dense, blank images", "wanda-0.5", "owled-0.5", "owled-dense-answers-0.5",
                      "owled-all-questions-0.5", "wanda-2:4", "owled-2:4-0.4"]

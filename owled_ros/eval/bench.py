@@ -21,6 +21,7 @@ from ..data.world import QUESTIONS
 from ..model import load_model
 from ..model.build import resolve_model
 from .evaluate import PAIRED_GENERATED, ResampledScores, evaluate, paired_generated
+from .machine import cpu
 from .metrics import METEOR_SYNONYMS
 from .perplexity import perplexity
 from .stats import corrected, paired_difference
@@ -167,7 +168,7 @@ def run_bench(model_dir, out, sparsities=(0.5, 0.6, 0.7), nm="2:4", component_sp
     summary = {"model": str(model_dir), "nsamples": nsamples, "eval_frame_sets": eval_frames,
                "frames": frames,
                "generated_frame_sets": dense["generated_frame_sets"], "seconds": round(time.time() - started), "resumed": resume,
-               "meteor_synonyms": METEOR_SYNONYMS,
+               "meteor_synonyms": METEOR_SYNONYMS, "cpu": cpu(),
                "results": results}
     summary["comparisons"], summary["comparison_confidence"] = comparisons(results, eval_samples)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -237,6 +238,7 @@ def markdown(summary):
     lines = [f"Model `{Path(summary['model']).name}`; held-out {summary['frames']} 6-camera frame sets: closed questions on "
              f"{summary['eval_frame_sets']}, generated answers on the first {summary['generated_frame_sets']}; "
              f"{summary['nsamples']} calibration samples; "
+             + (f"{summary['cpu']['model']} ({', '.join(summary['cpu']['flags'])}), {summary['cpu']['cores']} cores; " if "cpu" in summary else "")
              + (f"this run took {summary['seconds']} s, resuming the rows an interrupted one had measured. " if summary.get("resumed")
                 else f"sweep took {summary['seconds']} s. ") +
              "Each cell: value [bootstrap 95 % interval over frame sets].", "",
