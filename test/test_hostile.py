@@ -207,6 +207,8 @@ def edit(path, value):
     (edit("lm.model_type", None), "lm.model_type is missing"),
     (edit("vision.patch", 0), "vision.patch 0 is not a positive integer"),
     (edit("vision.tag_dropout", 1), "vision.tag_dropout 1 is not a number in [0, 1)"),
+    (edit("vision.tag_rules", {"action": ["action"]}), "vision.tag_rules {'action': ['action']} is not {tag: [other tags]}"),
+    (edit("vision.tag_view_hidden", -1), "vision.tag_view_hidden -1 is not a non-negative integer"),
     (edit("vision.crop.camera", "CAM_ROOF"), "vision.crop {'camera': 'CAM_ROOF'"),
     (edit("vision.crop.tags", ["weather"]), "is not null or {camera: one of vision.cameras"),
     (edit("family", "t5"), "lm.encoder.block has None layers"),

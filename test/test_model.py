@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import TINY_BACKBONE_VISION, TINY_VISION, tiny_decoder, tiny_t5, tiny_t5_dir
+from models import TINY_BACKBONE_VISION, TINY_DEFAULT_VISION, TINY_VISION, tiny_decoder, tiny_t5, tiny_t5_dir
 from owled_ros.data.world import CAMERAS, qa, render, sample_scene
 from owled_ros.model.build import TAG_WORDS, align_default, import_emvlm4ad, load_smollm2, synthetic_scenes, tag_targets
 from owled_ros.model.vlm import START, DrivingVLM, ModelLoadError, lookup_draft
@@ -57,7 +57,7 @@ def test_default_layout_adds_one_image_token_per_scene_tag(frames):
     with torch.no_grad():
         tokens = model.image_tokens([frames])
         fused = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0]
-        tags = model.vision.tagger(fused, model.vision.crop_logits(pixels, mask))
+        tags = model.vision.tagger(fused, extra=model.vision.crop_logits(pixels, mask))
     assert tokens.shape[1] == model.vision.tokens + len(TAG_WORDS)
     modal = model.vision.modal_embeddings.weight[1]
     assert torch.allclose(tokens[0, model.vision.tokens:], tags[0] + modal)
@@ -72,6 +72,39 @@ def test_default_layout_adds_one_image_token_per_scene_tag(frames):
     model.vision.tagger.eval()
     assert not torch.equal(*training) and torch.equal(model.vision.tagger.logits(fused)["light"],
                                                       model.vision.tagger.logits(fused)["light"])
+
+
+def test_view_summaries_add_up_over_the_present_views_where_pooling_averages_them(frames):
+    model = tiny_decoder(vision=TINY_DEFAULT_VISION | {"tag_view_hidden": 8})
+    tagger = model.vision.tagger
+    pixels, _ = model.pixels([frames])
+    with torch.no_grad():
+        views = model.vision.embed_views(pixels, torch.arange(6))
+        views[:, 1] = views[:, 0]  # the second camera sees what the first sees
+        one, both = torch.zeros(1, 6, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.bool)
+        one[0, 0], both[0, :2] = True, True
+        inputs = [tagger.features(model.vision.pool(views, m)[0], views, m) for m in (one, both)]
+    flat = model.vision.tokens * model.config["vision"]["width"]
+    assert torch.allclose(inputs[0][:, :flat], inputs[1][:, :flat], atol=1e-6)  # the pooled tokens: an average
+    assert torch.allclose(2 * inputs[0][:, flat:], inputs[1][:, flat:], atol=1e-6)  # the summaries: a sum
+    assert inputs[0][:, flat:].abs().sum() > 0
+
+
+def test_a_rule_decides_its_tag_from_the_other_tags_probabilities(frames):
+    rules = {"action": ["light", "crossing"]}
+    model = tiny_decoder(vision=TINY_DEFAULT_VISION | {"tag_rules": rules, "crop": None})
+    tagger = model.vision.tagger
+    pixels, mask = model.pixels([frames])
+    with torch.no_grad():
+        tagger.heads["action"][-1].weight.zero_()  # the action's own head reads nothing of the image
+        fused = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0]
+        before = tagger.logits(fused)
+        tagger.heads["light"][-1].bias[1] += 20.0  # the light now reads red
+        after = tagger.logits(fused)
+        rule = tagger.rules["action"](torch.cat([after[name].softmax(-1) for name in rules["action"]], 1))
+    assert not torch.allclose(before["action"], after["action"])
+    assert torch.allclose(after["action"], tagger.heads["action"][-1].bias + rule)
+    assert torch.equal(before["n_cars"], after["n_cars"])
 
 
 def test_the_front_crop_reads_one_lit_pixel_above_its_rows_and_nothing_of_a_missing_front_camera(frames):
@@ -96,7 +129,7 @@ def test_the_front_crop_reads_one_lit_pixel_above_its_rows_and_nothing_of_a_miss
         assert torch.allclose(model.vision.crop_logits(lit, no_front)["light"], crop.heads["light"].bias)
         # the crop's logits add to its tags' heads: their tokens change with the lit pixel, the others do not
         fused = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0]
-        tag_tokens = [model.vision.tagger(fused, model.vision.crop_logits(p, mask))[0] for p in (pixels, lit)]
+        tag_tokens = [model.vision.tagger(fused, extra=model.vision.crop_logits(p, mask))[0] for p in (pixels, lit)]
     changed = (tag_tokens[0] - tag_tokens[1]).abs().sum(-1) > 0
     assert changed.tolist() == [name in ("light", "action") for name in TAG_WORDS]
 

@@ -69,7 +69,7 @@ def default_model_untrained(image_side="stem", vision=None):
     lm, tokenizer = load_smollm2()
     # Conv stem + patch embedding + gated pooling + projection: vision transformer blocks trained from scratch,
     # and a bare linear patch embedding, did not learn the scenes within the few-minute CPU budget.
-    vision = {"layers": 0, "tags": {name: len(words) for name, words in TAG_WORDS.items()}} | IMAGE_SIDES[image_side] | (vision or {})
+    vision = {"layers": 0, "tags": tag_classes(ANSWER_TAGS)} | IMAGE_SIDES[image_side] | (vision or {})
     model = DrivingVLM(new_config("decoder", DEFAULT_MODEL_ID, vision=vision, prompt=CHATML), lm, tokenizer)
     nn.init.zeros_(model.vision.modal_embeddings.weight)  # start from the LM's own text embeddings
     init_tag_embeddings(model)
@@ -127,26 +127,39 @@ def import_emvlm4ad(checkpoint, t5_dir, model_id="em-vlm4ad-t5"):
 
 
 # ----- aligning the default model on the synthetic world -----
-# Scene tags of the default model: per tag, the words its classes start from (as they appear in the answers).
+# Scene tags of the default model: per tag, the words its classes start from (as they appear in the answers,
+# or near them for the tags no answer names: where the light and the lead vehicle are, the left lane).
 TAG_WORDS = {"n_cars": [str(n) for n in range(10)], "n_pedestrians": [str(n) for n in range(6)],
              "light": [" no", " red", " yellow", " green"], "action": ["Keep", "Slow", "Stop", "Change"],
-             "lead": [" no", " moving", " stopped"], "crossing": ["No", "Yes"]}
+             "lead": [" no", " moving", " stopped"], "crossing": ["No", "Yes"],
+             "light_distance": [" no", " near", " far"], "lead_distance": [" no", " close", " near", " far"],
+             "left_lane": [" free", " busy"]}
+ANSWER_TAGS = ["n_cars", "n_pedestrians", "light", "action", "lead", "crossing"]
+
+
+def tag_classes(names):
+    return {name: len(TAG_WORDS[name]) for name in names}
 
 
 def tag_targets(scene):
-    """Class index of every scene tag (TAG_WORDS order) from the scene's ground truth."""
+    """Class index of every scene tag (TAG_WORDS order) from the scene's ground truth; the distances are the
+    ones the careful driver (Scene.decide) acts on."""
     truth = scene.truth()
     lead = scene.lead_vehicle()
+    left_busy = any(a.label in ("car", "truck") and 1.8 < a.across < 5.4 and -10 < a.along < 30 for a in scene.agents)
     return {"n_cars": min(truth["n_cars"], 9), "n_pedestrians": min(truth["n_pedestrians"], 5),
             "light": ["none", *LIGHT_STATES].index(scene.light), "action": ACTIONS.index(scene.action),
-            "lead": 0 if lead is None else 1 + (not lead.moving), "crossing": int(any(a.crossing for a in scene.agents))}
+            "lead": 0 if lead is None else 1 + (not lead.moving), "crossing": int(any(a.crossing for a in scene.agents)),
+            "light_distance": 0 if scene.light == "none" else 1 if scene.light_distance < 40 else 2,
+            "lead_distance": 0 if lead is None else 1 if lead.along < 15 else 2 if lead.along < 25 else 3,
+            "left_lane": int(left_busy)}
 
 
 def init_tag_embeddings(model):
     """Start every tag class at the LM's embedding of its word, so the LM reads the tags from the first step."""
     embed = model.lm.get_input_embeddings().weight
     rows = [embed[model.tokenizer(word, add_special_tokens=False)["input_ids"]].mean(0)
-            for words in TAG_WORDS.values() for word in words]
+            for name in model.vision.tagger.heads for word in TAG_WORDS[name]]
     with torch.no_grad():
         model.vision.tagger.tag_embeddings.weight.copy_(torch.stack(rows))
 
@@ -187,6 +200,34 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
+def frozen_features(backbone, pixels):
+    """A frozen backbone's features of (B, V, 3, H, W) pixels, in eval mode (BatchNorm statistics kept)."""
+    backbone.requires_grad_(False)
+    backbone.eval()
+    with torch.no_grad():
+        return torch.cat([backbone(chunk.flatten(0, 1)).unflatten(0, chunk.shape[:2]) for chunk in pixels.split(32)])
+
+
+def train_tags(vision, targets, inputs, masks, crops, steps, probe_batch=16):
+    """Stage A: the image side and its tag heads on the scenes' tags {tag: (B,)}; inputs: the views' pixels,
+    or a frozen backbone's features of them where vision.stem is then an Identity. Returns the loss per step."""
+    budget = Budget(steps, "stage A (image side)")
+    camera_ids = torch.arange(masks.shape[1])
+    vision.train()
+    optimizer = torch.optim.AdamW([p for p in vision.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    while budget:
+        index = torch.randint(len(inputs), (probe_batch,))
+        mask = masks[index] & (torch.rand(probe_batch, masks.shape[1]) > 0.15)  # views drop out, as they do on the road
+        mask[~mask.any(1), 0] = True
+        logits = vision.tag_logits(inputs[index], camera_ids, mask, None if crops is None else crops[index])
+        loss = sum(F.cross_entropy(logits[k], targets[k][index]) for k in logits)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        budget.done_one(loss.item())
+    return budget.losses
+
+
 def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None, steps=(300, 400), curves=None):
     """Stage A: image side (stem or frozen pretrained backbone, patch embedding, gated pooling, tag heads) on
     scene ground truth. Stage B: answers through the LM, which learns through a LoRA adapter (merged at the
@@ -201,33 +242,14 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
     with torch.no_grad():
         pixels, masks = zip(*(model.pixels(frames[i:i + 64]) for i in range(0, len(frames), 64)))
     pixels, masks = torch.cat(pixels), torch.cat(masks)
-    camera_ids = torch.arange(len(model.cameras))
-    targets = {k: torch.tensor([tag_targets(s)[k] for s in train]) for k in TAG_WORDS}
+    targets = {k: torch.tensor([tag_targets(s)[k] for s in train]) for k in vision.tagger.heads}
     pretrained = model.config["vision"].get("backbone", "none") != "none"
     crops = None if vision.crop is None else vision.crop.select(pixels).clone()  # the crop reads pixels, not features
-
-    budget = Budget(steps[0], "stage A (image side)")
-    vision.train()
     backbone = vision.stem
     if pretrained:  # ImageNet features as they are (frozen, BatchNorm statistics kept): computed once
-        backbone.requires_grad_(False)
-        backbone.eval()
-        with torch.no_grad():
-            pixels = torch.cat([backbone(chunk.flatten(0, 1)).unflatten(0, chunk.shape[:2]) for chunk in pixels.split(32)])
+        pixels = frozen_features(backbone, pixels)
         vision.stem = nn.Identity()  # stage A then reads the cached features in place of the pixels
-    optimizer = torch.optim.AdamW([p for p in vision.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    while budget:
-        index = torch.randint(len(train), (probe_batch,))
-        mask = masks[index] & (torch.rand(probe_batch, len(model.cameras)) > 0.15)  # views drop out, as they do on the road
-        mask[~mask.any(1), 0] = True
-        logits = vision.tag_logits(pixels[index], camera_ids, mask, None if crops is None else crops[index])
-        loss = sum(F.cross_entropy(logits[k], targets[k][index]) for k in logits)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        budget.done_one(loss.item())
-    curves["stage A"] = budget.losses
-
+    curves["stage A"] = train_tags(vision, targets, pixels, masks, crops, steps[0], probe_batch)
     vision.stem = backbone
     budget = Budget(steps[1], "stage B (answers)")
     pairs = [(i, q) for i, s in enumerate(train) for q in qa(s)]

@@ -72,24 +72,46 @@ class SceneTagger(nn.Module):
     Tags as anchor tokens the LM already reads (as in Oscar/VinVL): they let a small LM use the image after
     a few minutes of CPU alignment, where it ignored the patch tokens."""
 
-    def __init__(self, width, tokens, heads, hidden, lm_width, dropout=0.0):
+    def __init__(self, width, tokens, heads, hidden, lm_width, dropout=0.0, view_hidden=0, rules=None):
         super().__init__()
         self.dropout = dropout  # on the flattened tokens while training: with a few hundred scenes the heads overfit
-        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Linear(width * tokens, hidden), nn.GELU(), nn.Linear(hidden, n))
+        # Each view summarised on its own and the summaries added over the present views: gated pooling averages
+        # the views, so a count over all six cameras cannot be read from its output alone.
+        self.view_summary = nn.Sequential(nn.Linear(width * tokens, view_hidden), nn.GELU()) if view_hidden else None
+        inputs = width * tokens + view_hidden
+        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, n))
                                     for name, n in heads.items()})
+        # A rule: a tag decided from other tags' class probabilities (the action from the light, the lead vehicle,
+        # ...), its logits added to its own head's; trained with the heads, it learns how the tags combine.
+        self.rules = nn.ModuleDict({name: nn.Sequential(nn.Linear(sum(heads[i] for i in inputs), hidden), nn.GELU(),
+                                                        nn.Linear(hidden, heads[name]))
+                                    for name, inputs in (rules or {}).items()})
+        self.rule_inputs = dict(rules or {})
         self.tag_embeddings = nn.Embedding(sum(heads.values()), lm_width)
         nn.init.normal_(self.tag_embeddings.weight, std=0.02)
 
-    def logits(self, fused, extra=None):
-        """{tag: (B, classes)}; extra: logits of other heads to add, by tag (the front crop's)."""
-        flat = F.dropout(fused.flatten(1), self.dropout, self.training)  # flattened: keeps where things are
-        extra = extra or {}
-        return {name: head(flat) + extra[name] if name in extra else head(flat) for name, head in self.heads.items()}
+    def features(self, fused, view_tokens=None, view_mask=None):
+        """What the heads read: the fused tokens flattened (where things are), and with view summaries the sum
+        of each present view's summary."""
+        flat = F.dropout(fused.flatten(1), self.dropout, self.training)
+        if self.view_summary is None:
+            return flat
+        views = self.view_summary(F.dropout(view_tokens.flatten(2), self.dropout, self.training))
+        return torch.cat([flat, (views * view_mask[..., None].to(views.dtype)).sum(1)], 1)
 
-    def forward(self, fused, extra=None):
-        """(B, N, width) -> tag tokens (B, heads, lm_width)."""
+    def logits(self, fused, view_tokens=None, view_mask=None, extra=None):
+        """{tag: (B, classes)}; extra: logits of other heads to add, by tag (the front crop's)."""
+        features = self.features(fused, view_tokens, view_mask)
+        extra = extra or {}
+        logits = {name: head(features) + extra[name] if name in extra else head(features) for name, head in self.heads.items()}
+        for name, rule in self.rules.items():
+            logits[name] = logits[name] + rule(torch.cat([logits[i].softmax(-1) for i in self.rule_inputs[name]], 1))
+        return logits
+
+    def forward(self, fused, view_tokens=None, view_mask=None, extra=None):
+        """(B, N, width) fused tokens [, (B, V, N, width) view tokens, (B, V) mask] -> tag tokens (B, heads, lm_width)."""
         tables = self.tag_embeddings.weight.split([head[-1].out_features for head in self.heads.values()])
-        logits = self.logits(fused, extra).values()
+        logits = self.logits(fused, view_tokens, view_mask, extra).values()
         return torch.stack([tag.softmax(-1) @ table for tag, table in zip(logits, tables)], 1)
 
 
@@ -146,7 +168,8 @@ class MultiViewEncoder(nn.Module):
         self.modal_embeddings = nn.Embedding(2, lm_width)  # 0 = text, 1 = image
         nn.init.normal_(self.modal_embeddings.weight, std=0.02)
         tags = cfg.get("tags", {})
-        self.tagger = SceneTagger(width, self.tokens, tags, cfg["tag_hidden"], lm_width, cfg.get("tag_dropout", 0.0)) if tags else None
+        self.tagger = SceneTagger(width, self.tokens, tags, cfg["tag_hidden"], lm_width, cfg.get("tag_dropout", 0.0),
+                                  cfg.get("tag_view_hidden", 0), cfg.get("tag_rules")) if tags else None
         self.crop = FrontCrop(cfg["crop"], cfg["cameras"], tags) if cfg.get("crop") else None
         # Not a registered child: it shares the modules above, which keep their EM-VLM4AD names in checkpoints.
         object.__setattr__(self, "fusion", Fusion(self))
@@ -171,8 +194,9 @@ class MultiViewEncoder(nn.Module):
 
     def tag_logits(self, pixels, camera_ids, view_mask, crop=None):
         """Scene-tag classifier logits {tag: (B, classes)} (what stage A of the default build trains)."""
-        fused = self.pool(self.embed_views(pixels, camera_ids), view_mask)[0]
-        return self.tagger.logits(fused, self.crop_logits(pixels, view_mask, crop))
+        view_tokens = self.embed_views(pixels, camera_ids)
+        fused = self.pool(view_tokens, view_mask)[0]
+        return self.tagger.logits(fused, view_tokens, view_mask, self.crop_logits(pixels, view_mask, crop))
 
     def forward(self, pixels, camera_ids, view_mask):
         return self.fusion(self.embed_views(pixels, camera_ids), view_mask, self.crop_logits(pixels, view_mask))
@@ -200,5 +224,5 @@ class Fusion(nn.Module):
         fused, _ = self.pool(view_tokens, view_mask)
         tokens = self.img_projection_layer(fused)
         if self.tagger is not None:
-            tokens = torch.cat([tokens, self.tagger(fused, crop_logits)], 1)
+            tokens = torch.cat([tokens, self.tagger(fused, view_tokens, view_mask, crop_logits)], 1)
         return tokens + self.modal_embeddings.weight[1]

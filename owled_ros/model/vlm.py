@@ -27,8 +27,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 NUSCENES_CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
 DEFAULT_VISION = {"cameras": NUSCENES_CAMERAS, "image_size": [128, 224], "patch": 32, "width": 256, "stem": [], "backbone": "none",
-                  "layers": 4, "heads": 4, "gpa_hidden": 128, "projection": True, "tags": {}, "tag_hidden": 256, "tag_dropout": 0.0, "crop": None,
-                  "mean": [0.5] * 3, "std": [0.5] * 3}
+                  "layers": 4, "heads": 4, "gpa_hidden": 128, "projection": True, "tags": {}, "tag_hidden": 256, "tag_dropout": 0.0,
+                  "tag_view_hidden": 0, "tag_rules": {}, "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3}
 CHATML = {"before": "<|im_start|>user\n", "after": "<|im_end|>\n<|im_start|>assistant\n", "end": "<|im_end|>"}
 
 
@@ -404,6 +404,12 @@ def check_config(config, shapes, path):
          f"vision.patch {vision['patch']!r} must equal the backbone's stride")
     need(type(vision["tag_dropout"]) in (int, float) and 0 <= vision["tag_dropout"] < 1,
          f"vision.tag_dropout {vision['tag_dropout']!r} is not a number in [0, 1)")
+    need(type(vision["tag_view_hidden"]) is int and vision["tag_view_hidden"] >= 0,
+         f"vision.tag_view_hidden {vision['tag_view_hidden']!r} is not a non-negative integer")
+    rules = vision["tag_rules"]
+    need(isinstance(rules, dict) and all(name in vision["tags"] and isinstance(inputs, list) and inputs and
+                                         set(inputs) <= set(vision["tags"]) - {name} for name, inputs in rules.items()),
+         f"vision.tag_rules {rules!r} is not {{tag: [other tags]}} over vision.tags")
     crop = vision["crop"]
     need(crop is None or (isinstance(crop, dict) and crop.get("camera") in vision["cameras"] and
                           all(type(crop.get(k)) is int and crop[k] > 0 for k in ("rows", "channels")) and
