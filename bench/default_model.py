@@ -93,7 +93,11 @@ def plot_curves(curves, path):
 def recipe_extras(vision):
     """The image side's further config in the build recipe, in words."""
     crop, dropout = vision.get("crop"), vision.get("tag_dropout")
-    return ((f", front crop of {crop['camera']} (top {crop['rows']} rows) for {' and '.join(crop['tags'])}" if crop else "")
+    tags, views, rules = vision.get("tags"), vision.get("tag_view_hidden"), vision.get("tag_rules") or {}
+    return ((f", {len(tags)} tags" if tags else "")
+            + (f", view summaries of width {views} added over the views" if views else "")
+            + "".join(f", a rule for {name} from {', '.join(inputs)}" for name, inputs in rules.items())
+            + (f", front crop of {crop['camera']} (top {crop['rows']} rows) for {' and '.join(crop['tags'])}" if crop else "")
             + (f", tag heads' dropout {dropout:g}" if dropout else ""))
 
 

@@ -145,4 +145,7 @@ def test_the_demo_calibrates_on_other_scenes_than_it_judges_and_scores_the_answe
                            said(first, "planning"))
     expected_mae = abs(7 - parse_count(said(second, "perception"), VEHICLE)) / 2
     assert score == {"frame_sets_answered": 2, "actions_right": 1, "actions": 2, "lights_right": 1, "lights": 2,
-                     "vehicle_count_mae": round(expected_mae, 2)}
+                     "both_right": 1, "both": 2, "vehicle_count_mae": round(expected_mae, 2)}
+    # the light right, the action wrong: not both right
+    wrong_action = [PredictedAction(header=header(first), rationale="Turn left.")]
+    assert judged(perceptions[:1], wrong_action, truth)[1]["both_right"] == 0

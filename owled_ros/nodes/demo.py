@@ -68,7 +68,7 @@ def stamp(message):
 def judged(perceptions, actions, truth):
     """The drive node's answers to each judged frame set (matched by stamp) beside the truth: rows of (stamp,
     perception, its truth, action answer, its truth), and the score of the answered ones: actions and lights
-    right, the vehicle count's mean absolute error."""
+    right, both right on one frame set, the vehicle count's mean absolute error."""
     answers = {stamp(m): [m.description, None] for m in perceptions}
     for m in actions:
         answers.setdefault(stamp(m), [None, None])[1] = m.rationale
@@ -76,11 +76,15 @@ def judged(perceptions, actions, truth):
     rows = [(t, *answers[t], reference(t, "perception"), reference(t, "planning")) for t in truth if t in answers]
     perceived = [(seen, truth_) for _, seen, _, truth_, _ in rows if seen is not None]
     acted = [(said, truth_) for _, _, said, _, truth_ in rows if said is not None]
+    both = [(seen, seen_truth, said, said_truth) for _, seen, said, seen_truth, said_truth in rows
+            if seen is not None and said is not None]
     counts = [(parse_count(seen, VEHICLE), parse_count(truth_, VEHICLE)) for seen, truth_ in perceived]
     errors = [abs((a or 0) - b) for a, b in counts if b is not None]
     return rows, {"frame_sets_answered": len(rows),
                   "actions_right": sum(parse_action(a) == parse_action(b) for a, b in acted), "actions": len(acted),
                   "lights_right": sum(parse_light(a) == parse_light(b) for a, b in perceived), "lights": len(perceived),
+                  "both_right": sum(parse_light(a) == parse_light(b) and parse_action(c) == parse_action(d) for a, b, c, d in both),
+                  "both": len(both),
                   "vehicle_count_mae": round(sum(errors) / len(errors), 2) if errors else None}
 
 
@@ -176,7 +180,7 @@ def run_demo(workdir, sparsity="0.5"):
                **{f"views {k.split('.', 1)[1]}": int(v) for k, v in node_stats.items() if k.startswith("dropped_views.")}}
     print(f"runtime backend of the drive node: {backend}")
     print(f"score: actions right {score['actions_right']}/{score['actions']}, lights right {score['lights_right']}/"
-          f"{score['lights']}, vehicle count MAE {score['vehicle_count_mae']}; frame sets answered "
+          f"{score['lights']}, both {score['both_right']}/{score['both']}, vehicle count MAE {score['vehicle_count_mae']}; frame sets answered "
           f"{score['frame_sets_answered']} of {len(scenes)}, dropped: "
           + (", ".join(f"{n} {why}" for why, n in dropped.items() if n) or "none"))
     summary = {"model": received["perception"][0].model.model_id if latencies else None, "backend": backend,
