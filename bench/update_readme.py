@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from owled_ros.model.build import DEFAULT_SHA256
+
 ROOT = Path(__file__).resolve().parents[1]
 INCLUDE = re.compile(r"(<!-- include (\S+) -->\n).*?(<!-- end include -->)", re.S)
 VALUE = re.compile(r"(<!-- value (\S+) (\S+)(?: (\S+))? -->).*?(<!-- end -->)", re.S)
@@ -57,7 +59,9 @@ def picks(sweep):
     def kept(row):
         return sum(row["metrics"][key][0] / dense["metrics"][key][0] for key in shared) / max(len(shared), 1)
 
-    lines = [f"**Which pruner at which sparsity, on the default driving model** (`{Path(sweep['model']).name}`; "
+    model = Path(sweep["model"]).name
+    which = "the default driving model" if model.endswith(DEFAULT_SHA256[:12]) else "an earlier default driving model"
+    lines = [f"**Which pruner at which sparsity, on {which}** (`{model}`; "
              f"{sweep['eval_frame_sets']} held-out MetaDrive frame sets, generated answers on {sweep['generated_frame_sets']}; "
              f"at each target the run of the sweep ({len(rows) - 2} runs) whose generated answers, the text the drive node "
              "publishes, keep the most of dense's: action exact match and CIDEr, each as a share of dense's, averaged; "

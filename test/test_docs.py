@@ -96,6 +96,11 @@ def test_the_pick_at_a_target_keeps_the_most_of_dense_generated_answers_and_show
              "comparisons": [], "comparison_confidence": 0.95}
     line = next(line for line in picks(sweep) if line.startswith("| 50 %"))
     assert "`--method wording --questions 6`" in line and "0.570" in line
+    # the heading says whether the sweep's model is the shipped default
+    from owled_ros.model.build import DEFAULT_MODEL_ID, DEFAULT_SHA256
+    assert "on an earlier default driving model** (`m`" in picks(sweep)[0]
+    shipped = sweep | {"model": f"/cache/{DEFAULT_MODEL_ID}-{DEFAULT_SHA256[:12]}"}
+    assert "on the default driving model**" in picks(shipped)[0]
 
     # A dense model that never matches the action's wording: the pick is the run that keeps the most CIDEr.
     dense["metrics"]["gen_action_exact_match"] = (0.0, 0.0, 0.0)

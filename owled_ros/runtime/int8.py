@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 KERNEL_ROWS = 32  # inputs of at most this many rows run the int8 kernel; longer ones are faster dequantized
-KERNEL_IN_MULTIPLE = 8  # the kernel reads the input in blocks of 8: other widths give NaN or crash (torch 2.13)
+KERNEL_IN_MULTIPLE = 16  # other input widths give wrong sums, NaN or a crash (torch 2.13: 200 and 216 do, 192 and 208 not)
 BF16_PRODUCT = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 SLICE_WEIGHTS = 1 << 20  # fp32 weights dequantized at a time (4 MB): a whole layer but the output layer's
 _scratch = threading.local()
