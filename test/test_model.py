@@ -56,8 +56,9 @@ def test_default_layout_adds_one_image_token_per_scene_tag(frames):
     pixels, mask = model.pixels([frames])
     with torch.no_grad():
         tokens = model.image_tokens([frames])
-        fused = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0]
-        tags = model.vision.tagger(fused, extra=model.vision.crop_logits(pixels, mask))
+        views = model.vision.embed_views(pixels, torch.arange(6))
+        fused = model.vision.pool(views, mask)[0]
+        tags = model.vision.tagger(fused, views, mask, extra=model.vision.crop_logits(pixels, mask))
     assert tokens.shape[1] == model.vision.tokens + len(TAG_WORDS)
     modal = model.vision.modal_embeddings.weight[1]
     assert torch.allclose(tokens[0, model.vision.tokens:], tags[0] + modal)
@@ -68,10 +69,10 @@ def test_default_layout_adds_one_image_token_per_scene_tag(frames):
     # the tag heads drop tokens' features while training (stage A) only
     model.vision.tagger.train()
     with torch.no_grad():
-        training = [model.vision.tagger.logits(fused)["light"] for _ in range(2)]
+        training = [model.vision.tagger.logits(fused, views, mask)["light"] for _ in range(2)]
     model.vision.tagger.eval()
-    assert not torch.equal(*training) and torch.equal(model.vision.tagger.logits(fused)["light"],
-                                                      model.vision.tagger.logits(fused)["light"])
+    assert not torch.equal(*training) and torch.equal(model.vision.tagger.logits(fused, views, mask)["light"],
+                                                      model.vision.tagger.logits(fused, views, mask)["light"])
 
 
 def test_view_summaries_add_up_over_the_present_views_where_pooling_averages_them(frames):
@@ -92,7 +93,7 @@ def test_view_summaries_add_up_over_the_present_views_where_pooling_averages_the
 
 def test_a_rule_decides_its_tag_from_the_other_tags_probabilities(frames):
     rules = {"action": ["light", "crossing"]}
-    model = tiny_decoder(vision=TINY_DEFAULT_VISION | {"tag_rules": rules, "crop": None})
+    model = tiny_decoder(vision=TINY_DEFAULT_VISION | {"tag_rules": rules, "tag_view_hidden": 0, "crop": None})
     tagger = model.vision.tagger
     pixels, mask = model.pixels([frames])
     with torch.no_grad():
@@ -128,8 +129,9 @@ def test_the_front_crop_reads_one_lit_pixel_above_its_rows_and_nothing_of_a_miss
         no_front[0, 0] = False
         assert torch.allclose(model.vision.crop_logits(lit, no_front)["light"], crop.heads["light"].bias)
         # the crop's logits add to its tags' heads: their tokens change with the lit pixel, the others do not
-        fused = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0]
-        tag_tokens = [model.vision.tagger(fused, extra=model.vision.crop_logits(p, mask))[0] for p in (pixels, lit)]
+        views = model.vision.embed_views(pixels, torch.arange(6))
+        fused = model.vision.pool(views, mask)[0]
+        tag_tokens = [model.vision.tagger(fused, views, mask, extra=model.vision.crop_logits(p, mask))[0] for p in (pixels, lit)]
     changed = (tag_tokens[0] - tag_tokens[1]).abs().sum(-1) > 0
     assert changed.tolist() == [name in ("light", "action") for name in TAG_WORDS]
 
