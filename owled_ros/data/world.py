@@ -55,6 +55,10 @@ class Agent:
         return math.degrees(math.atan2(self.y, self.x))
 
 
+# the distances the careful driver (Scene.decide) acts on, in metres
+RED_STOP_M, STOPPED_LEAD_M, CLOSE_LEAD_M = 40, 25, 15
+
+
 @dataclass
 class Scene:
     seed: int
@@ -71,21 +75,23 @@ class Scene:
         ahead = [a for a in self.agents if a.label in ("car", "truck") and a.along > 0 and abs(a.across) < 1.8]
         return min(ahead, key=lambda a: a.along, default=None)
 
+    def left_lane_busy(self):
+        return any(a.label in ("car", "truck") and 1.8 < a.across < 5.4 and -10 < a.along < 30 for a in self.agents)
+
     def decide(self):
         """(action, reason) a careful driver takes; the ground truth for planning questions."""
         lead = self.lead_vehicle()
-        if self.light == "red" and self.light_distance < 40:
+        if self.light == "red" and self.light_distance < RED_STOP_M:
             return "stop", "the traffic light is red"
         if any(a.crossing for a in self.agents):
             return "stop", "a pedestrian is crossing"
-        if lead is not None and not lead.moving and lead.along < 25:
-            left_free = not any(a.label in ("car", "truck") and 1.8 < a.across < 5.4 and -10 < a.along < 30 for a in self.agents)
-            return ("change_lane_left", "the vehicle ahead is stopped") if left_free else ("stop", "the vehicle ahead is stopped")
+        if lead is not None and not lead.moving and lead.along < STOPPED_LEAD_M:
+            return ("stop", "the vehicle ahead is stopped") if self.left_lane_busy() else ("change_lane_left", "the vehicle ahead is stopped")
         if self.light == "yellow":
             return "slow_down", "the traffic light is yellow"
         if self.stop_sign:
             return "slow_down", "there is a stop sign"
-        if lead is not None and lead.along < 15:
+        if lead is not None and lead.along < CLOSE_LEAD_M:
             return "slow_down", "a vehicle is close ahead"
         return "keep_lane", "the road ahead is clear"
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
 
 from ..data.calib import read_samples
-from ..data.world import ACTIONS, LIGHT_STATES, qa, render, sample_scene, scene_from_truth
+from ..data.world import ACTIONS, CLOSE_LEAD_M, LIGHT_STATES, RED_STOP_M, STOPPED_LEAD_M, qa, render, sample_scene, scene_from_truth
 from .vision import load_backbone_weights
 from . import ModelLoadError, cache_dir
 from .checkpoint import peak_rss_mb
@@ -146,13 +146,12 @@ def tag_targets(scene):
     ones the careful driver (Scene.decide) acts on."""
     truth = scene.truth()
     lead = scene.lead_vehicle()
-    left_busy = any(a.label in ("car", "truck") and 1.8 < a.across < 5.4 and -10 < a.along < 30 for a in scene.agents)
     return {"n_cars": min(truth["n_cars"], 9), "n_pedestrians": min(truth["n_pedestrians"], 5),
             "light": ["none", *LIGHT_STATES].index(scene.light), "action": ACTIONS.index(scene.action),
             "lead": 0 if lead is None else 1 + (not lead.moving), "crossing": int(any(a.crossing for a in scene.agents)),
-            "light_distance": 0 if scene.light == "none" else 1 if scene.light_distance < 40 else 2,
-            "lead_distance": 0 if lead is None else 1 if lead.along < 15 else 2 if lead.along < 25 else 3,
-            "left_lane": int(left_busy)}
+            "light_distance": 0 if scene.light == "none" else 1 if scene.light_distance < RED_STOP_M else 2,
+            "lead_distance": 0 if lead is None else 1 if lead.along < CLOSE_LEAD_M else 2 if lead.along < STOPPED_LEAD_M else 3,
+            "left_lane": int(scene.left_lane_busy())}
 
 
 def init_tag_embeddings(model):
