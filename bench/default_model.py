@@ -90,14 +90,19 @@ def plot_curves(curves, path):
     plt.close(fig)
 
 
+def crop_source(crop):
+    source = "pixels" if crop.get("tap") is None else f"backbone features after block {crop['tap']}"
+    return f"{source} (top {crop['rows']} rows, maximum over a {'x'.join(map(str, crop.get('grid', [1, 3])))} grid)"
+
+
 def recipe_extras(vision):
     """The image side's further config in the build recipe, in words."""
-    crop, dropout = vision.get("crop"), vision.get("tag_dropout")
+    crops, dropout = vision.get("crops", []), vision.get("tag_dropout")
     tags, views, rules = vision.get("tags"), vision.get("tag_view_hidden"), vision.get("tag_rules") or {}
     return ((f", {len(tags)} tags" if tags else "")
             + (f", view summaries of width {views} added over the views" if views else "")
             + "".join(f", a rule for {name} from {', '.join(inputs)}" for name, inputs in rules.items())
-            + (f", front crop of {crop['camera']} (top {crop['rows']} rows) for {' and '.join(crop['tags'])}" if crop else "")
+            + "".join(f", a crop of {crop['camera']}'s {crop_source(crop)} for {', '.join(crop['tags'])}" for crop in crops)
             + (f", tag heads' dropout {dropout:g}" if dropout else ""))
 
 

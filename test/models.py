@@ -8,10 +8,13 @@ from owled_ros.model.build import ACTION_RULE, IMAGENET, SMOLLM2_GGUF, TAG_WORDS
 from owled_ros.model.vlm import CHATML, DrivingVLM, new_config
 
 TINY_VISION = {"image_size": [64, 96], "patch": 32, "width": 32, "layers": 2, "heads": 2, "gpa_hidden": 16}
-# the embedded default's layout: conv stem, scene tags (dropout while training) and the front crop for the lights
-TINY_CROP = {"camera": "CAM_FRONT", "rows": 32, "channels": 4, "tags": ["light", "action"]}
+# the embedded default's layout: conv stem, scene tags (dropout while training), the front view's top rows for
+# the lights and its stem features after the first block for pedestrians
+TINY_CROPS = [{"camera": "CAM_FRONT", "rows": 32, "channels": 4, "tags": ["light", "action"]},
+              {"camera": "CAM_FRONT", "tap": 0, "rows": 32, "channels": 4, "strides": [2], "grid": [2, 3], "dropout": 0.5,
+               "tags": ["crossing", "action"]}]
 TINY_DEFAULT_VISION = TINY_VISION | {"stem": [8, 16], "tags": {k: len(w) for k, w in TAG_WORDS.items()}, "tag_hidden": 16,
-                                     "tag_dropout": 0.5, "tag_view_hidden": 8, "tag_rules": ACTION_RULE, "crop": TINY_CROP}
+                                     "tag_dropout": 0.5, "tag_view_hidden": 8, "tag_rules": ACTION_RULE, "crops": TINY_CROPS}
 # the same behind the pretrained MobileNetV2 backbone
 TINY_BACKBONE_VISION = TINY_DEFAULT_VISION | {"stem": [], "backbone": "mobilenet_v2"} | IMAGENET
 

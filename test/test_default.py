@@ -49,9 +49,9 @@ def test_the_default_is_the_wheels_plus_the_shipped_file(default, shipped):
         assert torch.allclose(default.lm.get_submodule(name).weight, merged, atol=1e-6)
     assert not any("lora" in name for name, _ in default.lm.named_modules())
     assert default.config["build"]["image_side"] == "mobilenet_v2"
-    # the recipe's front crop is built from the file's build record and its weights come from the file
-    assert default.config["build"]["vision"] == BUILD["vision"] and default.vision.crop is not None
-    assert {k for k in shipped if k.startswith("vision.crop.")} == {f"vision.crop.{k}" for k in default.vision.crop.state_dict()}
+    # the recipe's crops are built from the file's build record and their weights come from the file
+    assert default.config["build"]["vision"] == BUILD["vision"] and len(default.vision.crops) == len(BUILD["vision"]["crops"])
+    assert {k for k in shipped if k.startswith("vision.crops.")} == {f"vision.crops.{k}" for k in default.vision.crops.state_dict()}
 
 
 def test_resolve_model_writes_the_default_once_as_a_model_directory(default, tmp_path, monkeypatch):

@@ -189,7 +189,7 @@ def edit(path, value):
         *parents, last = path.split(".")
         node = config
         for key in parents:
-            node = node[key]
+            node = node[int(key)] if isinstance(node, list) else node[key]
         if value is None:
             node.pop(last)
         else:
@@ -209,8 +209,12 @@ def edit(path, value):
     (edit("vision.tag_dropout", 1), "vision.tag_dropout 1 is not a number in [0, 1)"),
     (edit("vision.tag_rules", {"action": ["action"]}), "vision.tag_rules {'action': ['action']} is not {tag: [other tags]}"),
     (edit("vision.tag_view_hidden", -1), "vision.tag_view_hidden -1 is not a non-negative integer"),
-    (edit("vision.crop.camera", "CAM_ROOF"), "vision.crop {'camera': 'CAM_ROOF'"),
-    (edit("vision.crop.tags", ["weather"]), "is not null or {camera: one of vision.cameras"),
+    (edit("vision.crops.0.camera", "CAM_ROOF"), "vision.crops [{'camera': 'CAM_ROOF'"),
+    (edit("vision.crops.1.tags", ["weather"]), "is not a list of {camera: one of vision.cameras"),
+    (edit("vision.crops.1.strides", [0]), "'strides': [0]"),
+    (edit("vision.crops.1.tap", -1), "'tap': -1"),
+    (edit("vision.crops.1.grid", [3]), "grid: [rows, columns], dropout: in [0, 1)]}"),
+    (edit("vision.crop", {"camera": "CAM_FRONT"}), "vision.crop is the form before vision.crops"),
     (edit("family", "t5"), "lm.encoder.block has None layers"),
 ])
 def test_a_config_that_does_not_fit_its_weights_is_refused_before_building(tiny_dir, tmp_path, config, message):

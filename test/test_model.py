@@ -93,7 +93,7 @@ def test_view_summaries_add_up_over_the_present_views_where_pooling_averages_the
 
 def test_a_rule_decides_its_tag_from_the_other_tags_probabilities(frames):
     rules = {"action": ["light", "crossing"]}
-    model = tiny_decoder(vision=TINY_DEFAULT_VISION | {"tag_rules": rules, "tag_view_hidden": 0, "crop": None})
+    model = tiny_decoder(vision=TINY_DEFAULT_VISION | {"tag_rules": rules, "tag_view_hidden": 0, "crops": []})
     tagger = model.vision.tagger
     pixels, mask = model.pixels([frames])
     with torch.no_grad():
@@ -108,32 +108,37 @@ def test_a_rule_decides_its_tag_from_the_other_tags_probabilities(frames):
     assert torch.equal(before["n_cars"], after["n_cars"])
 
 
-def test_the_front_crop_reads_one_lit_pixel_above_its_rows_and_nothing_of_a_missing_front_camera(frames):
+def test_the_crops_read_one_lit_pixel_in_their_rows_and_nothing_of_a_missing_front_camera(frames):
     model = tiny_decoder()
-    crop = model.vision.crop
+    lights, front = model.vision.crops  # the top rows of the pixels for the lights; the stem's features for pedestrians
+    assert front.convs[0].in_channels == 8  # the stem's first block
     pixels, mask = model.pixels([frames])
+    red = torch.tensor([20.0, -20.0, -20.0])
     with torch.no_grad():
-        crop.convs[0].weight[0] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # its first filter reads red
+        lights.convs[0].weight[0] = red[:, None, None] / 20  # its first filter reads red
         plain = model.vision.crop_logits(pixels, mask)
-        lit, below = pixels.clone(), pixels.clone()
-        lit[0, 0, :, 5, 40] = torch.tensor([20.0, -20.0, -20.0])  # one red pixel in the front view's top rows
-        below[0, 0, :, crop.rows + 5, 40] = torch.tensor([20.0, -20.0, -20.0])
-        other_view = pixels.clone()
-        other_view[0, 1, :, 5, 40] = torch.tensor([20.0, -20.0, -20.0])
-        assert set(plain) == {"light", "action"}
-        assert not torch.allclose(model.vision.crop_logits(lit, mask)["light"], plain["light"])
-        for unseen in (below, other_view):
-            assert torch.equal(model.vision.crop_logits(unseen, mask)["light"], plain["light"])
-        # the front camera missing: only the heads' biases, whatever its pixels hold
+        lit, below, other_view = pixels.clone(), pixels.clone(), pixels.clone()
+        lit[0, 0, :, 5, 40] = red  # one red pixel in the front view's top rows
+        below[0, 0, :, lights.rows + 5, 40] = red  # below them, where the stem's features still reach
+        other_view[0, 1, :, 5, 40] = red
+        assert set(plain) == {"light", "action", "crossing"}
+        lit_logits, below_logits = model.vision.crop_logits(lit, mask), model.vision.crop_logits(below, mask)
+        assert not torch.allclose(lit_logits["light"], plain["light"])
+        assert torch.equal(below_logits["light"], plain["light"])  # the light crop does not see below its rows
+        assert not torch.allclose(below_logits["crossing"], plain["crossing"])  # the features do
+        assert all(torch.equal(value, plain[name]) for name, value in model.vision.crop_logits(other_view, mask).items())
+        # the front camera missing: only the heads' biases, added up by tag, whatever its pixels hold
         no_front = mask.clone()
         no_front[0, 0] = False
-        assert torch.allclose(model.vision.crop_logits(lit, no_front)["light"], crop.heads["light"].bias)
-        # the crop's logits add to its tags' heads: their tokens change with the lit pixel, the others do not
+        unseen = model.vision.crop_logits(lit, no_front)
+        assert torch.allclose(unseen["light"], lights.heads["light"].bias)
+        assert torch.allclose(unseen["action"], lights.heads["action"].bias + front.heads["action"].bias)
+        # the crops' logits add to their tags' heads: their tokens change with the lit pixel, the others do not
         views = model.vision.embed_views(pixels, torch.arange(6))
         fused = model.vision.pool(views, mask)[0]
         tag_tokens = [model.vision.tagger(fused, views, mask, extra=model.vision.crop_logits(p, mask))[0] for p in (pixels, lit)]
     changed = (tag_tokens[0] - tag_tokens[1]).abs().sum(-1) > 0
-    assert changed.tolist() == [name in ("light", "action") for name in TAG_WORDS]
+    assert changed.tolist() == [name in ("light", "action", "crossing") for name in TAG_WORDS]
 
 
 def test_answer_confidence_is_the_same_with_or_without_guesses_and_from_generate(frames, tmp_path):
@@ -175,12 +180,12 @@ def test_alignment_teaches_the_tags_and_lowers_the_answer_loss():
 
     answer_before, tags_before = losses()
     lm_before = {n: p.clone() for n, p in model.lm.named_parameters()}
-    crop_before = {n: p.clone() for n, p in model.vision.crop.named_parameters()}
+    crop_before = {n: p.clone() for n, p in model.vision.crops.named_parameters()}
     curves = {}
     _, adapter = align_default(model, scenes=12, steps=(60, 30), curves=curves)
     answer_after, tags_after = losses()
     assert tags_after < 0.8 * tags_before
-    assert all(not torch.equal(p, crop_before[n]) for n, p in model.vision.crop.named_parameters())  # stage A trains it
+    assert all(not torch.equal(p, crop_before[n]) for n, p in model.vision.crops.named_parameters())  # stage A trains them
     # the training curve the build keeps: one loss per step of each stage
     assert [len(curves["stage A"]), len(curves["stage B"])] == [60, 30]
     assert all(math.isfinite(loss) and loss > 0 for losses in curves.values() for loss in losses)

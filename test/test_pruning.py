@@ -537,10 +537,10 @@ def test_the_mobilenet_v2_encoder_is_pruned_layer_by_layer_and_reloads(tmp_path,
                    progress=False)
     assert report["achieved"]["vision.encoder"] == pytest.approx(0.5, abs=0.01)
     pruned = DrivingVLM.from_pretrained(tmp_path / "out")
-    convs = {n: m for n, m in pruned.vision.named_modules() if isinstance(m, nn.Conv2d) and not n.startswith("crop.")}
+    convs = {n: m for n, m in pruned.vision.named_modules() if isinstance(m, nn.Conv2d) and not n.startswith("crops.")}
     assert len(convs) == 53  # MobileNetV2's 52 convolutions and the patch embedding
-    for name, crop_weight in pruned.vision.crop.state_dict().items():  # the front crop is no pruning target
-        assert torch.equal(crop_weight, model.vision.crop.state_dict()[name]), name
+    for name, crop_weight in pruned.vision.crops.state_dict().items():  # the crops are no pruning target
+        assert torch.equal(crop_weight, model.vision.crops.state_dict()[name]), name
     for name, conv in convs.items():
         rows = conv.weight.reshape(conv.out_channels, -1)
         if conv.groups > 1:

@@ -207,9 +207,18 @@ def frozen_features(backbone, pixels):
         return torch.cat([backbone(chunk.flatten(0, 1)).unflatten(0, chunk.shape[:2]) for chunk in pixels.split(32)])
 
 
-def train_tags(vision, targets, inputs, masks, crops, steps, probe_batch=16):
+def frozen_crop_inputs(vision, pixels):
+    """What the crops read of (B, V, 3, H, W) pixels through a frozen stem ({(camera, tap): (B, C, h, w)})."""
+    vision.stem.eval()
+    with torch.no_grad():
+        chunks = [vision.crop_inputs(chunk) for chunk in pixels.split(64)]
+    return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]} if vision.crops else None
+
+
+def train_tags(vision, targets, inputs, masks, crop_inputs, steps, probe_batch=16):
     """Stage A: the image side and its tag heads on the scenes' tags {tag: (B,)}; inputs: the views' pixels,
-    or a frozen backbone's features of them where vision.stem is then an Identity. Returns the loss per step."""
+    or a frozen backbone's features of them where vision.stem is then an Identity (crop_inputs: what the
+    crops read, vision.crop_inputs of the pixels). Returns the loss per step."""
     budget = Budget(steps, "stage A (image side)")
     camera_ids = torch.arange(masks.shape[1])
     vision.train()
@@ -218,7 +227,8 @@ def train_tags(vision, targets, inputs, masks, crops, steps, probe_batch=16):
         index = torch.randint(len(inputs), (probe_batch,))
         mask = masks[index] & (torch.rand(probe_batch, masks.shape[1]) > 0.15)  # views drop out, as they do on the road
         mask[~mask.any(1), 0] = True
-        logits = vision.tag_logits(inputs[index], camera_ids, mask, None if crops is None else crops[index])
+        crops = None if crop_inputs is None else {key: value[index] for key, value in crop_inputs.items()}
+        logits = vision.tag_logits(inputs[index], camera_ids, mask, crops)
         loss = sum(F.cross_entropy(logits[k], targets[k][index]) for k in logits)
         optimizer.zero_grad()
         loss.backward()
@@ -243,12 +253,12 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
     pixels, masks = torch.cat(pixels), torch.cat(masks)
     targets = {k: torch.tensor([tag_targets(s)[k] for s in train]) for k in vision.tagger.heads}
     pretrained = model.config["vision"].get("backbone", "none") != "none"
-    crops = None if vision.crop is None else vision.crop.select(pixels).clone()  # the crop reads pixels, not features
-    backbone = vision.stem
+    backbone, crop_inputs = vision.stem, None
     if pretrained:  # ImageNet features as they are (frozen, BatchNorm statistics kept): computed once
+        crop_inputs = frozen_crop_inputs(vision, pixels)
         pixels = frozen_features(backbone, pixels)
         vision.stem = nn.Identity()  # stage A then reads the cached features in place of the pixels
-    curves["stage A"] = train_tags(vision, targets, pixels, masks, crops, steps[0], probe_batch)
+    curves["stage A"] = train_tags(vision, targets, pixels, masks, crop_inputs, steps[0], probe_batch)
     vision.stem = backbone
     budget = Budget(steps[1], "stage B (answers)")
     pairs = [(i, q) for i, s in enumerate(train) for q in qa(s)]
@@ -283,7 +293,9 @@ DEFAULT_SHA256 = "eedecc044d614494d17aff3668e363df377b0ea42ba8b39bd62adf6d16e3b5
 ACTION_RULE = {"action": ["light", "crossing", "lead", "light_distance", "lead_distance", "left_lane"]}  # Scene.decide's inputs
 BUILD = {"image_side": "mobilenet_v2", "scenes": 2816, "scene_seed": 0, "steps": [3000, 400], "seed": 7,
          "vision": {"tags": tag_classes(TAG_WORDS), "tag_dropout": 0.5, "tag_view_hidden": 256, "tag_rules": ACTION_RULE,
-                    "crop": {"camera": "CAM_FRONT", "rows": 64, "channels": 16, "tags": ["light", "action"]}}}
+                    "crops": [{"camera": "CAM_FRONT", "rows": 64, "channels": 16, "tags": ["light", "action"]},
+                              {"camera": "CAM_FRONT", "tap": 13, "rows": 8, "channels": 64, "grid": [2, 3], "dropout": 0.5,
+                               "tags": ["crossing", "n_pedestrians", "lead", "action"]}]}}
 
 
 def trained_state(model, lora_state):

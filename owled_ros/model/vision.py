@@ -100,7 +100,7 @@ class SceneTagger(nn.Module):
         return torch.cat([flat, (views * view_mask[..., None].to(views.dtype)).sum(1)], 1)
 
     def logits(self, fused, view_tokens=None, view_mask=None, extra=None):
-        """{tag: (B, classes)}; extra: logits of other heads to add, by tag (the front crop's)."""
+        """{tag: (B, classes)}; extra: logits of other heads to add, by tag (the crops')."""
         features = self.features(fused, view_tokens, view_mask)
         extra = extra or {}
         logits = {name: head(features) + extra[name] if name in extra else head(features) for name, head in self.heads.items()}
@@ -116,24 +116,27 @@ class SceneTagger(nn.Module):
 
 
 class FrontCrop(nn.Module):
-    """Scene-tag logits from the top rows of one camera's pixels at full resolution, where traffic lights
-    are: a 1x1 convolution that can read a lamp's colour per pixel, a 3x3 one, then the maximum over the rows
-    of each third of the width (left, ahead, right). A lit lamp is one or two pixels: the backbone's stride-32
-    features average it away, a maximum keeps it."""
+    """Scene-tag logits from one camera at a finer grain than the stride-32 features the tag heads read: the
+    top `rows` of its pixels, or of the stem's output after block `tap` (e.g. MobileNetV2's stride-16
+    features). A 1x1 convolution (on pixels it can read a colour), one 3x3 convolution per entry of `strides`
+    (default one, stride 1), then the maximum over each cell of a `grid` (rows, columns; default the thirds
+    of the width: left, ahead, right). A lit lamp is one or two pixels and a pedestrian 25 m ahead a few:
+    stride-32 features average them away, a maximum keeps them."""
 
-    def __init__(self, cfg, cameras, tags):
+    def __init__(self, cfg, tags, in_channels=3):
         super().__init__()
-        self.view, self.rows, channels = cameras.index(cfg["camera"]), cfg["rows"], cfg["channels"]
-        self.convs = nn.Sequential(nn.Conv2d(3, channels, 1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
-        self.heads = nn.ModuleDict({name: nn.Linear(3 * channels, tags[name]) for name in cfg["tags"]})
+        self.camera, self.rows, self.tap, channels = cfg["camera"], cfg["rows"], cfg.get("tap"), cfg["channels"]
+        self.grid, self.dropout = tuple(cfg.get("grid", (1, 3))), cfg.get("dropout", 0.0)
+        layers = [nn.Conv2d(in_channels, channels, 1), nn.ReLU()]
+        for stride in cfg.get("strides", [1]):
+            layers += [nn.Conv2d(channels, channels, 3, stride, 1), nn.ReLU()]
+        self.convs = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict({name: nn.Linear(channels * self.grid[0] * self.grid[1], tags[name]) for name in cfg["tags"]})
 
-    def select(self, pixels):
-        """(B, V, 3, H, W) -> the crop this branch reads, (B, 3, rows, W)."""
-        return pixels[:, self.view, :, :self.rows]
-
-    def forward(self, crop, view_mask):
-        features = torch.cat([third.amax((2, 3)) for third in self.convs(crop).chunk(3, dim=3)], 1)
-        features = features * view_mask[:, self.view, None].to(features.dtype)  # the camera may be missing
+    def forward(self, view, present):
+        """view: what the crop reads of its camera (B, C, H, W); present: (B,) whether the camera was seen."""
+        features = F.adaptive_max_pool2d(self.convs(view[:, :, :self.rows]), self.grid).flatten(1)
+        features = F.dropout(features, self.dropout, self.training) * present[:, None].to(features.dtype)
         return {name: head(features) for name, head in self.heads.items()}
 
 
@@ -170,7 +173,8 @@ class MultiViewEncoder(nn.Module):
         tags = cfg.get("tags", {})
         self.tagger = SceneTagger(width, self.tokens, tags, cfg["tag_hidden"], lm_width, cfg.get("tag_dropout", 0.0),
                                   cfg.get("tag_view_hidden", 0), cfg.get("tag_rules")) if tags else None
-        self.crop = FrontCrop(cfg["crop"], cfg["cameras"], tags) if cfg.get("crop") else None
+        self.camera_names = list(cfg["cameras"])
+        self.crops = nn.ModuleList(FrontCrop(crop, tags, self.stem_channels(crop.get("tap"))) for crop in cfg.get("crops", []))
         # Not a registered child: it shares the modules above, which keep their EM-VLM4AD names in checkpoints.
         object.__setattr__(self, "fusion", Fusion(self))
 
@@ -186,17 +190,41 @@ class MultiViewEncoder(nn.Module):
     def pool(self, view_tokens, view_mask):
         return self.fusion.pool(view_tokens, view_mask)
 
-    def crop_logits(self, pixels, view_mask, crop=None):
-        """The front crop's tag logits ({} without one); crop: its pixels if `pixels` are not the images."""
-        if self.crop is None:
-            return {}
-        return self.crop(self.crop.select(pixels) if crop is None else crop, view_mask)
+    def stem_channels(self, tap):
+        """Channels of the stem's output after block `tap` (the pixels' 3 for None)."""
+        if tap is None:
+            return 3
+        blocks = self.stem[:tap + 1].eval()  # a trial input must not move BatchNorm's statistics
+        with torch.no_grad():
+            channels = blocks(torch.zeros(1, 3, 32, 32)).shape[1]
+        self.stem.train()
+        return channels
 
-    def tag_logits(self, pixels, camera_ids, view_mask, crop=None):
+    def crop_inputs(self, pixels):
+        """What the crops read, by (camera, tap): the camera's pixels, or the stem's output after block tap."""
+        inputs = {}
+        for crop in self.crops:
+            if (crop.camera, crop.tap) not in inputs:
+                view = pixels[:, self.camera_names.index(crop.camera)]
+                inputs[crop.camera, crop.tap] = view if crop.tap is None else self.stem[:crop.tap + 1](view)
+        return inputs
+
+    def crop_logits(self, pixels, view_mask, inputs=None):
+        """The crops' tag logits, added up by tag ({} without crops); inputs: crop_inputs(images), when
+        `pixels` are not the images (stage A reads a frozen backbone's features in their place)."""
+        inputs = self.crop_inputs(pixels) if inputs is None else inputs
+        logits = {}
+        for crop in self.crops:
+            present = view_mask[:, self.camera_names.index(crop.camera)]
+            for name, value in crop(inputs[crop.camera, crop.tap], present).items():
+                logits[name] = logits[name] + value if name in logits else value
+        return logits
+
+    def tag_logits(self, pixels, camera_ids, view_mask, crop_inputs=None):
         """Scene-tag classifier logits {tag: (B, classes)} (what stage A of the default build trains)."""
         view_tokens = self.embed_views(pixels, camera_ids)
         fused = self.pool(view_tokens, view_mask)[0]
-        return self.tagger.logits(fused, view_tokens, view_mask, self.crop_logits(pixels, view_mask, crop))
+        return self.tagger.logits(fused, view_tokens, view_mask, self.crop_logits(pixels, view_mask, crop_inputs))
 
     def forward(self, pixels, camera_ids, view_mask):
         return self.fusion(self.embed_views(pixels, camera_ids), view_mask, self.crop_logits(pixels, view_mask))

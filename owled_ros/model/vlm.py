@@ -28,7 +28,7 @@ CONFIG = "config.json"
 NUSCENES_CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
 DEFAULT_VISION = {"cameras": NUSCENES_CAMERAS, "image_size": [128, 224], "patch": 32, "width": 256, "stem": [], "backbone": "none",
                   "layers": 4, "heads": 4, "gpa_hidden": 128, "projection": True, "tags": {}, "tag_hidden": 256, "tag_dropout": 0.0,
-                  "tag_view_hidden": 0, "tag_rules": {}, "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3}
+                  "tag_view_hidden": 0, "tag_rules": {}, "crops": [], "mean": [0.5] * 3, "std": [0.5] * 3}
 CHATML = {"before": "<|im_start|>user\n", "after": "<|im_end|>\n<|im_start|>assistant\n", "end": "<|im_end|>"}
 
 
@@ -410,12 +410,21 @@ def check_config(config, shapes, path):
     need(isinstance(rules, dict) and all(name in vision["tags"] and isinstance(inputs, list) and inputs and
                                          set(inputs) <= set(vision["tags"]) - {name} for name, inputs in rules.items()),
          f"vision.tag_rules {rules!r} is not {{tag: [other tags]}} over vision.tags")
-    crop = vision["crop"]
-    need(crop is None or (isinstance(crop, dict) and crop.get("camera") in vision["cameras"] and
-                          all(type(crop.get(k)) is int and crop[k] > 0 for k in ("rows", "channels")) and
-                          isinstance(crop.get("tags"), list) and set(crop["tags"]) <= set(vision["tags"])),
-         f"vision.crop {crop!r} is not null or {{camera: one of vision.cameras, rows, channels: positive integers, "
-         "tags: a list of vision.tags}")
+    need("crop" not in vision, "vision.crop is the form before vision.crops (a list of crops): rebuild or re-prune "
+         "this model with this version")
+    crops = vision["crops"]
+    need(isinstance(crops, list) and all(
+        isinstance(crop, dict) and crop.get("camera") in vision["cameras"] and
+        all(type(crop.get(k)) is int and crop[k] > 0 for k in ("rows", "channels")) and
+        isinstance(crop.get("strides", [1]), list) and all(type(n) is int and n > 0 for n in crop.get("strides", [1])) and
+        (crop.get("tap") is None or type(crop["tap"]) is int and crop["tap"] >= 0) and
+        type(crop.get("dropout", 0)) in (int, float) and 0 <= crop.get("dropout", 0) < 1 and
+        isinstance(crop.get("grid", [1, 3]), list) and len(crop.get("grid", [1, 3])) == 2 and
+        all(type(n) is int and n > 0 for n in crop.get("grid", [1, 3])) and
+        isinstance(crop.get("tags"), list) and set(crop["tags"]) <= set(vision["tags"]) for crop in crops),
+         f"vision.crops {crops!r} is not a list of {{camera: one of vision.cameras, rows, channels: positive integers, "
+         "tags: a list of vision.tags[, tap: a stem block, strides: the 3x3 convolutions' strides, grid: [rows, columns], "
+         "dropout: in [0, 1)]}")
     stacks = {"vision.blocks": vision["layers"]}
     lm = config["lm"]
     if config["family"] == "t5":
