@@ -9,7 +9,7 @@ import torch
 
 from models import TINY_BACKBONE_VISION, TINY_DEFAULT_VISION, TINY_VISION, tiny_decoder, tiny_t5, tiny_t5_dir
 from owled_ros.data.world import CAMERAS, qa, render, sample_scene
-from owled_ros.model.build import TAG_WORDS, align_default, import_emvlm4ad, load_smollm2, synthetic_scenes, tag_targets
+from owled_ros.model.build import TAG_WORDS, align_default, frozen_crop_inputs, frozen_features, import_emvlm4ad, load_smollm2, synthetic_scenes, tag_targets
 from owled_ros.model.vlm import START, DrivingVLM, ModelLoadError, lookup_draft
 
 QUESTIONS = ["What should the ego vehicle do?", "What are the important objects in the current scene?"]
@@ -290,6 +290,17 @@ def test_a_pretrained_mobilenet_v2_backbone_feeds_the_patch_embedding(tmp_path, 
     assert model.vision.embed_views(pixels, torch.arange(6)).shape == (1, 6, 2 * 3, TINY_VISION["width"])  # 64x96 / 32
     model.save_pretrained(tmp_path / "saved")
     same_outputs(model, DrivingVLM.from_pretrained(tmp_path / "saved"), frames)
+    # stage A's cache (the frozen backbone's features, and what the crops read of the pixels, its tap included)
+    # gives the tag logits that the pixels give
+    vision = model.vision
+    with torch.no_grad():
+        direct = vision.tag_logits(pixels, torch.arange(6), mask)
+        crop_inputs, features = frozen_crop_inputs(vision, pixels), frozen_features(vision.stem, pixels)
+        assert {key[1] for key in crop_inputs} == {None, 0}
+        backbone, vision.stem = vision.stem, torch.nn.Identity()
+        cached = vision.tag_logits(features, torch.arange(6), mask, crop_inputs)
+        vision.stem = backbone
+    assert direct.keys() == cached.keys() and all(torch.allclose(direct[k], cached[k], atol=1e-5) for k in direct)
 
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     (tmp_path / "saved" / "config.json").write_text(json.dumps(config | {"vision": config["vision"] | {"backbone": "resnet"}}))
