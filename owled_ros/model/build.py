@@ -199,20 +199,18 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
-def frozen_features(backbone, pixels):
-    """A frozen backbone's features of (B, V, 3, H, W) pixels, in eval mode (BatchNorm statistics kept)."""
-    backbone.requires_grad_(False)
-    backbone.eval()
-    with torch.no_grad():
-        return torch.cat([backbone(chunk.flatten(0, 1)).unflatten(0, chunk.shape[:2]) for chunk in pixels.split(32)])
-
-
-def frozen_crop_inputs(vision, pixels):
-    """What the crops read of (B, V, 3, H, W) pixels through a frozen stem ({(camera, tap): (B, C, h, w)})."""
+def frozen_features(vision, pixels):
+    """A frozen pretrained stem's features of (B, V, 3, H, W) pixels, in eval mode (BatchNorm statistics kept),
+    and what the crops read of them (vision.crop_inputs), from one pass."""
+    vision.stem.requires_grad_(False)
     vision.stem.eval()
+    features, crop_inputs = [], []
     with torch.no_grad():
-        chunks = [vision.crop_inputs(chunk) for chunk in pixels.split(64)]
-    return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]} if vision.crops else None
+        for chunk in pixels.split(32):
+            output, tapped = vision.stem_outputs(chunk, vision.crop_taps)
+            features.append(output)
+            crop_inputs.append(vision.crop_inputs(chunk, tapped))
+    return torch.cat(features), {key: torch.cat([chunk[key] for chunk in crop_inputs]) for key in crop_inputs[0]}
 
 
 def train_tags(vision, targets, inputs, masks, crop_inputs, steps, probe_batch=16):
@@ -255,8 +253,7 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
     pretrained = model.config["vision"].get("backbone", "none") != "none"
     backbone, crop_inputs = vision.stem, None
     if pretrained:  # ImageNet features as they are (frozen, BatchNorm statistics kept): computed once
-        crop_inputs = frozen_crop_inputs(vision, pixels)
-        pixels = frozen_features(backbone, pixels)
+        pixels, crop_inputs = frozen_features(vision, pixels)
         vision.stem = nn.Identity()  # stage A then reads the cached features in place of the pixels
     curves["stage A"] = train_tags(vision, targets, pixels, masks, crop_inputs, steps[0], probe_batch)
     vision.stem = backbone

@@ -115,28 +115,36 @@ class SceneTagger(nn.Module):
         return torch.stack([tag.softmax(-1) @ table for tag, table in zip(logits, tables)], 1)
 
 
-class FrontCrop(nn.Module):
-    """Scene-tag logits from one camera at a finer grain than the stride-32 features the tag heads read: the
-    top `rows` of its pixels, or of the stem's output after block `tap` (e.g. MobileNetV2's stride-16
-    features). A 1x1 convolution (on pixels it can read a colour), one 3x3 convolution per entry of `strides`
-    (default one, stride 1), then the maximum over each cell of a `grid` (rows, columns; default the thirds
-    of the width: left, ahead, right). A lit lamp is one or two pixels and a pedestrian 25 m ahead a few:
-    stride-32 features average them away, a maximum keeps them."""
+class ViewCrop(nn.Module):
+    """Scene-tag logits from one camera, or from every camera ("all", one set of weights), at a finer grain than
+    the stride-32 features the tag heads read: the top `rows` of its pixels, or of the stem's output after
+    block `tap` (e.g. MobileNetV2's stride-16 features). A 1x1 convolution (on pixels it can read a colour),
+    one 3x3 convolution per entry of `strides` (default one, stride 1), then the maximum (or, with
+    pool "mean", the mean) over each cell of a `grid` (rows, columns; default the thirds of the width: left,
+    ahead, right), added over the cameras present. A lit lamp is one or two pixels and a pedestrian 25 m
+    ahead a few: stride-32 features average them away, a maximum keeps them; a mean added over the views
+    is a density, which a linear head can turn into a count."""
 
     def __init__(self, cfg, tags, in_channels=3):
         super().__init__()
         self.camera, self.rows, self.tap, channels = cfg["camera"], cfg["rows"], cfg.get("tap"), cfg["channels"]
         self.grid, self.dropout = tuple(cfg.get("grid", (1, 3))), cfg.get("dropout", 0.0)
+        self.pool = F.adaptive_avg_pool2d if cfg.get("pool", "max") == "mean" else F.adaptive_max_pool2d
         layers = [nn.Conv2d(in_channels, channels, 1), nn.ReLU()]
         for stride in cfg.get("strides", [1]):
             layers += [nn.Conv2d(channels, channels, 3, stride, 1), nn.ReLU()]
         self.convs = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({name: nn.Linear(channels * self.grid[0] * self.grid[1], tags[name]) for name in cfg["tags"]})
 
-    def forward(self, view, present):
-        """view: what the crop reads of its camera (B, C, H, W); present: (B,) whether the camera was seen."""
-        features = F.adaptive_max_pool2d(self.convs(view[:, :, :self.rows]), self.grid).flatten(1)
-        features = F.dropout(features, self.dropout, self.training) * present[:, None].to(features.dtype)
+    def views(self, camera_names):
+        """Indices of the cameras it reads among camera_names."""
+        return list(range(len(camera_names))) if self.camera == "all" else [camera_names.index(self.camera)]
+
+    def forward(self, views, present):
+        """views: what the crop reads of its cameras (B, V, C, H, W); present: (B, V) whether each was seen."""
+        features = self.pool(self.convs(views[:, :, :, :self.rows].flatten(0, 1)), self.grid).flatten(1)
+        features = (features.unflatten(0, views.shape[:2]) * present[..., None].to(features.dtype)).sum(1)
+        features = F.dropout(features, self.dropout, self.training)
         return {name: head(features) for name, head in self.heads.items()}
 
 
@@ -174,18 +182,34 @@ class MultiViewEncoder(nn.Module):
         self.tagger = SceneTagger(width, self.tokens, tags, cfg["tag_hidden"], lm_width, cfg.get("tag_dropout", 0.0),
                                   cfg.get("tag_view_hidden", 0), cfg.get("tag_rules")) if tags else None
         self.camera_names = list(cfg["cameras"])
-        self.crops = nn.ModuleList(FrontCrop(crop, tags, self.stem_channels(crop.get("tap"))) for crop in cfg.get("crops", []))
+        self.crops = nn.ModuleList(ViewCrop(crop, tags, self.stem_channels(crop.get("tap"))) for crop in cfg.get("crops", []))
+        self.crop_taps = sorted({crop.tap for crop in self.crops} - {None})
         # Not a registered child: it shares the modules above, which keep their EM-VLM4AD names in checkpoints.
         object.__setattr__(self, "fusion", Fusion(self))
 
-    def embed_views(self, pixels, camera_ids):
-        """pixels (B, V, 3, H, W), camera_ids (V,) -> per-view tokens (B, V, N, width)."""
+    def stem_outputs(self, pixels, taps=()):
+        """pixels (B, V, 3, H, W) through the stem -> its output (B, V, C, h, w), and its outputs after the
+        blocks in `taps` {tap: (B, V, C', h', w')}: one pass for the tokens and the crops that read the stem."""
+        x, tapped = pixels.flatten(0, 1), {}
+        if taps:
+            for index, block in enumerate(self.stem):
+                x = block(x)
+                if index in taps:
+                    tapped[index] = x.unflatten(0, pixels.shape[:2])
+        else:  # also where stage A has put an Identity in the stem's place
+            x = self.stem(x)
+        return x.unflatten(0, pixels.shape[:2]), tapped
+
+    def embed_views(self, pixels, camera_ids, taps=()):
+        """pixels (B, V, 3, H, W), camera_ids (V,) -> per-view tokens (B, V, N, width), and the stem's outputs
+        after the blocks in `taps` (stem_outputs)."""
         batch, views = pixels.shape[:2]
-        x = self.conv_proj(self.stem(pixels.flatten(0, 1))).flatten(2).transpose(1, 2)
+        features, tapped = self.stem_outputs(pixels, taps)
+        x = self.conv_proj(features.flatten(0, 1)).flatten(2).transpose(1, 2)
         x = x + self.pos_embedding[:, 1:] + self.camera_embedding(camera_ids).repeat(batch, 1)[:, None]
         for block in self.blocks:
             x = block(x)
-        return self.norm(x).view(batch, views, self.tokens, -1)
+        return self.norm(x).view(batch, views, self.tokens, -1), tapped
 
     def pool(self, view_tokens, view_mask):
         return self.fusion.pool(view_tokens, view_mask)
@@ -200,34 +224,40 @@ class MultiViewEncoder(nn.Module):
         self.stem.train()
         return channels
 
-    def crop_inputs(self, pixels):
-        """What the crops read, by (camera, tap): the camera's pixels, or the stem's output after block tap."""
-        inputs = {}
-        for crop in self.crops:
-            if (crop.camera, crop.tap) not in inputs:
-                view = pixels[:, self.camera_names.index(crop.camera)]
-                inputs[crop.camera, crop.tap] = view if crop.tap is None else self.stem[:crop.tap + 1](view)
-        return inputs
+    def crop_inputs(self, pixels, tapped):
+        """What the crops read, by (camera, tap), (B, V, C, h, w) over the crop's cameras: their pixels, or the
+        stem's output after block tap (tapped: {tap: (B, V, C, h, w)}, from stem_outputs)."""
+        return {(crop.camera, crop.tap): (pixels if crop.tap is None else tapped[crop.tap])[:, crop.views(self.camera_names)]
+                for crop in self.crops}
 
-    def crop_logits(self, pixels, view_mask, inputs=None):
-        """The crops' tag logits, added up by tag ({} without crops); inputs: crop_inputs(images), when
-        `pixels` are not the images (stage A reads a frozen backbone's features in their place)."""
-        inputs = self.crop_inputs(pixels) if inputs is None else inputs
+    def crop_logits(self, view_mask, inputs):
+        """The crops' tag logits, added up by tag ({} without crops); inputs: crop_inputs."""
         logits = {}
         for crop in self.crops:
-            present = view_mask[:, self.camera_names.index(crop.camera)]
+            present = view_mask[:, crop.views(self.camera_names)]
             for name, value in crop(inputs[crop.camera, crop.tap], present).items():
                 logits[name] = logits[name] + value if name in logits else value
         return logits
 
+    def encode(self, pixels, camera_ids):
+        """pixels (B, V, 3, H, W) -> per-view tokens (B, V, N, width) and what the crops read (crop_inputs)."""
+        view_tokens, tapped = self.embed_views(pixels, camera_ids, self.crop_taps)
+        return view_tokens, self.crop_inputs(pixels, tapped)
+
     def tag_logits(self, pixels, camera_ids, view_mask, crop_inputs=None):
-        """Scene-tag classifier logits {tag: (B, classes)} (what stage A of the default build trains)."""
-        view_tokens = self.embed_views(pixels, camera_ids)
+        """Scene-tag classifier logits {tag: (B, classes)} (what stage A of the default build trains);
+        crop_inputs: what the crops read, when `pixels` are not the images (stage A reads a frozen backbone's
+        features in their place)."""
+        if crop_inputs is None:
+            view_tokens, crop_inputs = self.encode(pixels, camera_ids)
+        else:
+            view_tokens, _ = self.embed_views(pixels, camera_ids)
         fused = self.pool(view_tokens, view_mask)[0]
-        return self.tagger.logits(fused, view_tokens, view_mask, self.crop_logits(pixels, view_mask, crop_inputs))
+        return self.tagger.logits(fused, view_tokens, view_mask, self.crop_logits(view_mask, crop_inputs))
 
     def forward(self, pixels, camera_ids, view_mask):
-        return self.fusion(self.embed_views(pixels, camera_ids), view_mask, self.crop_logits(pixels, view_mask))
+        view_tokens, crop_inputs = self.encode(pixels, camera_ids)
+        return self.fusion(view_tokens, view_mask, self.crop_logits(view_mask, crop_inputs))
 
 
 class Fusion(nn.Module):
