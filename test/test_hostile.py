@@ -215,6 +215,7 @@ def edit(path, value):
     (edit("vision.crops.1.tap", -1), "'tap': -1"),
     (edit("vision.crops.1.grid", [3]), "grid: [rows, columns], pool: \"max\" or \"mean\", dropout: in [0, 1)]}"),
     (edit("vision.crops.1.pool", "median"), "'pool': 'median'"),
+    (edit("vision.crops.1.tap", 2), "vision.crops: tap 2 is not a block of the stem (it has 2 blocks)"),
     (edit("vision.crop", {"camera": "CAM_FRONT"}), "vision.crop is the form before vision.crops"),
     (edit("family", "t5"), "lm.encoder.block has None layers"),
 ])

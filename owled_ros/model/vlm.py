@@ -365,8 +365,11 @@ class DrivingVLM(nn.Module):
             raise ModelLoadError(f"model directory {directory}: tokenizer files missing or bad ({error})") from None
         # Build on the meta device first (no memory): a config that does not fit the weights is refused
         # before anything as large as it asks for is allocated.
-        with torch.device("meta"):
-            skeleton = cls(config, build_lm(config), tokenizer)
+        try:
+            with torch.device("meta"):
+                skeleton = cls(config, build_lm(config), tokenizer)
+        except ValueError as error:  # a config the model cannot be built from (e.g. a crop's tap past the stem)
+            raise ModelLoadError(f"{directory / CONFIG}: {error}") from None
         check_shapes(skeleton, shapes, directory / WEIGHTS)
         model = cls(config, build_lm(config), tokenizer)
         try:
