@@ -117,6 +117,9 @@ def test_the_crops_read_one_lit_pixel_in_their_rows_and_nothing_of_a_missing_fro
     lights, front = model.vision.crops  # the top rows of the pixels for the lights; the stem's features for pedestrians
     assert front.convs[0].in_channels == 8  # the stem's first block
     pixels, mask = model.pixels([frames])
+    with torch.no_grad():  # the tap is block 0's output, taken from the stem's one pass over the views
+        tapped = model.vision.encode(pixels, torch.arange(6))[1]["CAM_FRONT", 0]
+        assert torch.allclose(tapped, model.vision.stem[0](pixels[:, 0]), atol=1e-6)
     red = torch.tensor([20.0, -20.0, -20.0])
     with torch.no_grad():
         lights.convs[0].weight[0] = red[:, None, None] / 20  # its first filter reads red
@@ -143,32 +146,6 @@ def test_the_crops_read_one_lit_pixel_in_their_rows_and_nothing_of_a_missing_fro
         tag_tokens = [model.vision.tagger(fused, views, mask, extra=crop_logits(model, p, mask))[0] for p in (pixels, lit)]
     changed = (tag_tokens[0] - tag_tokens[1]).abs().sum(-1) > 0
     assert changed.tolist() == [name in ("light", "action", "crossing") for name in TAG_WORDS]
-
-
-def test_a_crop_of_every_camera_adds_its_mean_features_over_the_cameras_present(frames):
-    counts = {"camera": "all", "tap": 0, "rows": 32, "channels": 4, "grid": [1, 1], "pool": "mean", "tags": ["n_cars"]}
-    model = tiny_decoder(vision=TINY_DEFAULT_VISION | {"crops": [counts]})
-    crop = model.vision.crops[0]
-    pixels, _ = model.pixels([frames])
-    pixels[:, 1] = pixels[:, 0]  # the second camera sees what the first sees
-    one, both, none = (torch.zeros(1, 6, dtype=torch.bool) for _ in range(3))
-    one[0, 0], both[0, :2] = True, True
-    with torch.no_grad():
-        view_tokens, inputs = model.vision.encode(pixels, torch.arange(6))
-        assert inputs["all", 0].shape[:2] == (1, 6)
-        tapped = model.vision.stem[0](pixels.flatten(0, 1)).unflatten(0, (1, 6))  # the stem's block 0, on its own
-        assert torch.allclose(inputs["all", 0], tapped)
-        bias = crop.heads["n_cars"].bias
-        read = {name: model.vision.crop_logits(mask, inputs)["n_cars"] - bias for name, mask in
-                (("one", one), ("both", both), ("none", none))}
-        mean = crop.convs(tapped[0, 0:1, :, :crop.rows]).mean((2, 3))  # the first camera's mean features
-    assert torch.allclose(read["one"], crop.heads["n_cars"].weight @ mean[0], atol=1e-5)
-    assert torch.allclose(read["both"], 2 * read["one"], atol=1e-5) and read["one"].abs().sum() > 0
-    assert torch.equal(read["none"], torch.zeros_like(bias)[None])
-    # the whole model reads it: the count's tag token moves with the views present
-    with torch.no_grad():
-        tokens = [model.vision.fusion(view_tokens, mask, model.vision.crop_logits(mask, inputs)) for mask in (one, both)]
-    assert not torch.allclose(tokens[0][0, model.vision.tokens], tokens[1][0, model.vision.tokens])
 
 
 def test_answer_confidence_is_the_same_with_or_without_guesses_and_from_generate(frames, tmp_path):

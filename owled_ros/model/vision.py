@@ -116,35 +116,27 @@ class SceneTagger(nn.Module):
 
 
 class ViewCrop(nn.Module):
-    """Scene-tag logits from one camera, or from every camera ("all", one set of weights), at a finer grain than
-    the stride-32 features the tag heads read: the top `rows` of its pixels, or of the stem's output after
-    block `tap` (e.g. MobileNetV2's stride-16 features). A 1x1 convolution (on pixels it can read a colour),
-    one 3x3 convolution per entry of `strides` (default one, stride 1), then the maximum (or, with
-    pool "mean", the mean) over each cell of a `grid` (rows, columns; default the thirds of the width: left,
-    ahead, right), added over the cameras present. A lit lamp is one or two pixels and a pedestrian 25 m
-    ahead a few: stride-32 features average them away, a maximum keeps them; a mean added over the views
-    is a density, which a linear head can turn into a count."""
+    """Scene-tag logits from one camera at a finer grain than the stride-32 features the tag heads read: the
+    top `rows` of its pixels, or of the stem's output after block `tap` (e.g. MobileNetV2's stride-16
+    features). A 1x1 convolution (on pixels it can read a colour), one 3x3 convolution per entry of `strides`
+    (default one, stride 1), then the maximum over each cell of a `grid` (rows, columns; default the thirds
+    of the width: left, ahead, right). A lit lamp is one or two pixels and a pedestrian 25 m ahead a few:
+    stride-32 features average them away, a maximum keeps them."""
 
     def __init__(self, cfg, tags, in_channels=3):
         super().__init__()
         self.camera, self.rows, self.tap, channels = cfg["camera"], cfg["rows"], cfg.get("tap"), cfg["channels"]
         self.grid, self.dropout = tuple(cfg.get("grid", (1, 3))), cfg.get("dropout", 0.0)
-        self.pool = F.adaptive_avg_pool2d if cfg.get("pool", "max") == "mean" else F.adaptive_max_pool2d
         layers = [nn.Conv2d(in_channels, channels, 1), nn.ReLU()]
         for stride in cfg.get("strides", [1]):
             layers += [nn.Conv2d(channels, channels, 3, stride, 1), nn.ReLU()]
         self.convs = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({name: nn.Linear(channels * self.grid[0] * self.grid[1], tags[name]) for name in cfg["tags"]})
 
-    def views(self, camera_names):
-        """Indices of the cameras it reads among camera_names."""
-        return list(range(len(camera_names))) if self.camera == "all" else [camera_names.index(self.camera)]
-
-    def forward(self, views, present):
-        """views: what the crop reads of its cameras (B, V, C, H, W); present: (B, V) whether each was seen."""
-        features = self.pool(self.convs(views[:, :, :, :self.rows].flatten(0, 1)), self.grid).flatten(1)
-        features = (features.unflatten(0, views.shape[:2]) * present[..., None].to(features.dtype)).sum(1)
-        features = F.dropout(features, self.dropout, self.training)
+    def forward(self, view, present):
+        """view: what the crop reads of its camera (B, C, H, W); present: (B,) whether the camera was seen."""
+        features = F.adaptive_max_pool2d(self.convs(view[:, :, :self.rows]), self.grid).flatten(1)
+        features = F.dropout(features, self.dropout, self.training) * present[:, None].to(features.dtype)
         return {name: head(features) for name, head in self.heads.items()}
 
 
@@ -227,16 +219,16 @@ class MultiViewEncoder(nn.Module):
         return channels
 
     def crop_inputs(self, pixels, tapped):
-        """What the crops read, by (camera, tap), (B, V, C, h, w) over the crop's cameras: their pixels, or the
-        stem's output after block tap (tapped: {tap: (B, V, C, h, w)}, from stem_outputs)."""
-        return {(crop.camera, crop.tap): (pixels if crop.tap is None else tapped[crop.tap])[:, crop.views(self.camera_names)]
+        """What the crops read, by (camera, tap), (B, C, h, w): the camera's pixels, or the stem's output after
+        block tap (tapped: {tap: (B, V, C, h, w)}, from stem_outputs)."""
+        return {(crop.camera, crop.tap): (pixels if crop.tap is None else tapped[crop.tap])[:, self.camera_names.index(crop.camera)]
                 for crop in self.crops}
 
     def crop_logits(self, view_mask, inputs):
         """The crops' tag logits, added up by tag ({} without crops); inputs: crop_inputs."""
         logits = {}
         for crop in self.crops:
-            present = view_mask[:, crop.views(self.camera_names)]
+            present = view_mask[:, self.camera_names.index(crop.camera)]
             for name, value in crop(inputs[crop.camera, crop.tap], present).items():
                 logits[name] = logits[name] + value if name in logits else value
         return logits
