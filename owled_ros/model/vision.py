@@ -210,7 +210,7 @@ class MultiViewEncoder(nn.Module):
         """Channels of the stem's output after block `tap` (the pixels' 3 for None)."""
         if tap is None:
             return 3
-        if not isinstance(self.stem, nn.Sequential) or tap >= len(self.stem):
+        if tap >= len(self.stem):
             raise ValueError(f"vision.crops: tap {tap} is not a block of the stem (it has {len(self.stem)} blocks)")
         blocks = self.stem[:tap + 1].eval()  # a trial input must not move BatchNorm's statistics
         with torch.no_grad():
