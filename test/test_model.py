@@ -9,7 +9,8 @@ import torch
 
 from models import TINY_BACKBONE_VISION, TINY_DEFAULT_VISION, TINY_VISION, tiny_decoder, tiny_t5, tiny_t5_dir
 from owled_ros.data.world import CAMERAS, qa, render, sample_scene
-from owled_ros.model.build import TAG_WORDS, align_default, frozen_features, import_emvlm4ad, load_smollm2, synthetic_scenes, tag_targets
+from owled_ros.model.build import (TAG_WORDS, align_default, frozen_features, import_emvlm4ad, load_smollm2, synthetic_scenes,
+                                   tag_targets, train_tags)
 from owled_ros.model.vlm import START, DrivingVLM, ModelLoadError, lookup_draft
 
 QUESTIONS = ["What should the ego vehicle do?", "What are the important objects in the current scene?"]
@@ -148,6 +149,31 @@ def test_the_crops_read_one_lit_pixel_in_their_rows_and_nothing_of_a_missing_fro
     assert changed.tolist() == [name in ("light", "action", "crossing") for name in TAG_WORDS]
 
 
+def test_a_crop_of_every_camera_adds_its_maxima_over_the_cameras_present(frames):
+    counts = {"camera": "all", "tap": 0, "rows": 32, "channels": 4, "grid": [1, 1], "tags": ["n_cars"]}
+    model = tiny_decoder(vision=TINY_DEFAULT_VISION | {"crops": [counts]})
+    crop = model.vision.crops[0]
+    pixels, _ = model.pixels([frames])
+    pixels[:, 1] = pixels[:, 0]  # the second camera sees what the first sees
+    one, both, none = (torch.zeros(1, 6, dtype=torch.bool) for _ in range(3))
+    one[0, 0], both[0, :2] = True, True
+    with torch.no_grad():
+        view_tokens, inputs = model.vision.encode(pixels, torch.arange(6))
+        tapped = model.vision.stem[0](pixels.flatten(0, 1)).unflatten(0, (1, 6))  # the stem's block 0, on its own
+        assert torch.allclose(inputs["all", 0], tapped, atol=1e-6)
+        bias = crop.heads["n_cars"].bias
+        read = {name: model.vision.crop_logits(mask, inputs)["n_cars"] - bias for name, mask in
+                (("one", one), ("both", both), ("none", none))}
+        maxima = crop.convs(tapped[0, 0:1, :, :crop.rows]).amax((2, 3))  # the first camera's maxima
+    assert torch.allclose(read["one"], crop.heads["n_cars"].weight @ maxima[0], atol=1e-5)
+    assert torch.allclose(read["both"], 2 * read["one"], atol=1e-5) and read["one"].abs().sum() > 0
+    assert torch.equal(read["none"], torch.zeros_like(bias)[None])
+    # the whole model reads it: the count's tag token moves with the views present
+    with torch.no_grad():
+        tokens = [model.vision.fusion(view_tokens, mask, model.vision.crop_logits(mask, inputs)) for mask in (one, both)]
+    assert not torch.allclose(tokens[0][0, model.vision.tokens], tokens[1][0, model.vision.tokens])
+
+
 def test_answer_confidence_is_the_same_with_or_without_guesses_and_from_generate(frames, tmp_path):
     model = tiny_decoder(seed=1)
     plain, guessed = [], []
@@ -203,6 +229,23 @@ def test_alignment_teaches_the_tags_and_lowers_the_answer_loss():
     changed = {n for n, p in model.lm.named_parameters() if not torch.equal(p, lm_before[n])}
     assert changed and all(n.endswith("proj.weight") for n in changed)
     assert {k.split(".lora_")[0] + ".weight" for k in adapter} == {"model." + n for n in changed}
+
+
+def test_stage_a_with_ema_keeps_the_moving_average_of_its_steps_weights():
+    scenes, frames = synthetic_scenes(6, 7, CAMERAS, (64, 96))
+    targets = {k: torch.tensor([tag_targets(s)[k] for s in scenes]) for k in TAG_WORDS}
+
+    def stage_a(steps, ema=0.0):
+        model = tiny_decoder(seed=1)
+        pixels, masks = model.pixels(frames)
+        torch.manual_seed(0)
+        train_tags(model.vision, targets, pixels, masks, None, steps, probe_batch=4, ema=ema)
+        return model.vision.tagger.heads["light"][0].weight.detach()
+
+    steps = [stage_a(n) for n in (1, 2, 3)]  # the weights after each step (the batches are the same in every run)
+    assert not torch.allclose(steps[1], steps[2])
+    # the first step's weights start the average, each later step moves it halfway (decay 0.5)
+    assert torch.allclose(stage_a(3, ema=0.5), 0.25 * steps[0] + 0.25 * steps[1] + 0.5 * steps[2], atol=1e-6)
 
 
 def test_gated_pooling_ignores_missing_views(frames):

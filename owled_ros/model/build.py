@@ -17,6 +17,7 @@ from peft.tuners.lora import LoraModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
 
@@ -213,14 +214,16 @@ def frozen_features(vision, pixels):
     return torch.cat(features), {key: torch.cat([chunk[key] for chunk in crop_inputs]) for key in crop_inputs[0]}
 
 
-def train_tags(vision, targets, inputs, masks, crop_inputs, steps, probe_batch=16):
+def train_tags(vision, targets, inputs, masks, crop_inputs, steps, probe_batch=16, ema=0.0):
     """Stage A: the image side and its tag heads on the scenes' tags {tag: (B,)}; inputs: the views' pixels,
     or a frozen backbone's features of them where vision.stem is then an Identity (crop_inputs: what the
-    crops read, vision.crop_inputs of the pixels). Returns the loss per step."""
+    crops read, vision.crop_inputs of the pixels). ema: the decay of an exponential moving average of the
+    weights, which then replaces them at the end (0: the last step's weights). Returns the loss per step."""
     budget = Budget(steps, "stage A (image side)")
     camera_ids = torch.arange(masks.shape[1])
     vision.train()
     optimizer = torch.optim.AdamW([p for p in vision.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    averaged = AveragedModel(vision, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True) if ema else None
     while budget:
         index = torch.randint(len(inputs), (probe_batch,))
         mask = masks[index] & (torch.rand(probe_batch, masks.shape[1]) > 0.15)  # views drop out, as they do on the road
@@ -231,16 +234,20 @@ def train_tags(vision, targets, inputs, masks, crop_inputs, steps, probe_batch=1
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if averaged:
+            averaged.update_parameters(vision)
         budget.done_one(loss.item())
+    if averaged:
+        vision.load_state_dict(averaged.module.state_dict())
     return budget.losses
 
 
-def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None, steps=(300, 400), curves=None):
+def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None, steps=(300, 400), curves=None, ema=0.0):
     """Stage A: image side (stem or frozen pretrained backbone, patch embedding, gated pooling, tag heads) on
     scene ground truth. Stage B: answers through the LM, which learns through a LoRA adapter (merged at the
     end); the image side is frozen but for the projection and the tag embeddings. data: (scenes, frame sets),
     default the 2-D world; steps: (stage A, stage B); curves: a dict that receives each stage's training loss
-    per step. Returns the model and the adapter's state dict."""
+    per step; ema: stage A's weight averaging (train_tags). Returns the model and the adapter's state dict."""
     curves = {} if curves is None else curves
     torch.manual_seed(seed)
     random.seed(seed)
@@ -255,7 +262,7 @@ def align_default(model, scenes=1500, seed=7, batch=8, probe_batch=16, data=None
     if pretrained:  # ImageNet features as they are (frozen, BatchNorm statistics kept): computed once
         pixels, crop_inputs = frozen_features(vision, pixels)
         vision.stem = nn.Identity()  # stage A then reads the cached features in place of the pixels
-    curves["stage A"] = train_tags(vision, targets, pixels, masks, crop_inputs, steps[0], probe_batch)
+    curves["stage A"] = train_tags(vision, targets, pixels, masks, crop_inputs, steps[0], probe_batch, ema)
     vision.stem = backbone
     budget = Budget(steps[1], "stage B (answers)")
     pairs = [(i, q) for i, s in enumerate(train) for q in qa(s)]
@@ -320,7 +327,8 @@ def build_default(out, frames=None, recipe=BUILD):
     data = tuple(part[:recipe["scenes"]] for part in data)
     curves = {}
     model, lora_state = align_default(default_model_untrained(recipe["image_side"], recipe.get("vision")), data=data,
-                                      steps=tuple(recipe["steps"]), seed=recipe["seed"], curves=curves)
+                                      steps=tuple(recipe["steps"]), seed=recipe["seed"], curves=curves,
+                                      ema=recipe.get("ema", 0.0))
     build = recipe | {"minutes": round((time.monotonic() - start) / 60, 1),
                       "peak_rss_mb": round(peak_rss_mb())}
     out.mkdir(parents=True, exist_ok=True)

@@ -116,12 +116,13 @@ class SceneTagger(nn.Module):
 
 
 class ViewCrop(nn.Module):
-    """Scene-tag logits from one camera at a finer grain than the stride-32 features the tag heads read: the
-    top `rows` of its pixels, or of the stem's output after block `tap` (e.g. MobileNetV2's stride-16
-    features). A 1x1 convolution (on pixels it can read a colour), one 3x3 convolution per entry of `strides`
-    (default one, stride 1), then the maximum over each cell of a `grid` (rows, columns; default the thirds
-    of the width: left, ahead, right). A lit lamp is one or two pixels and a pedestrian 25 m ahead a few:
-    stride-32 features average them away, a maximum keeps them."""
+    """Scene-tag logits from one camera, or from every camera ("all", one set of weights), at a finer grain than
+    the stride-32 features the tag heads read: the top `rows` of its pixels, or of the stem's output after
+    block `tap` (e.g. MobileNetV2's stride-8 or stride-16 features). A 1x1 convolution (on pixels it can read
+    a colour), one 3x3 convolution per entry of `strides` (default one, stride 1), then the maximum over each
+    cell of a `grid` (rows, columns; default the thirds of the width: left, ahead, right), added over the
+    cameras present. A lit lamp is one or two pixels and a pedestrian 25 m ahead a few: stride-32 features
+    average them away, a maximum keeps them; added over the cameras, the maxima of every view count."""
 
     def __init__(self, cfg, tags, in_channels=3):
         super().__init__()
@@ -133,10 +134,15 @@ class ViewCrop(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({name: nn.Linear(channels * self.grid[0] * self.grid[1], tags[name]) for name in cfg["tags"]})
 
-    def forward(self, view, present):
-        """view: what the crop reads of its camera (B, C, H, W); present: (B,) whether the camera was seen."""
-        features = F.adaptive_max_pool2d(self.convs(view[:, :, :self.rows]), self.grid).flatten(1)
-        features = F.dropout(features, self.dropout, self.training) * present[:, None].to(features.dtype)
+    def views(self, camera_names):
+        """Indices of the cameras it reads among camera_names."""
+        return list(range(len(camera_names))) if self.camera == "all" else [camera_names.index(self.camera)]
+
+    def forward(self, views, present):
+        """views: what the crop reads of its cameras (B, V, C, H, W); present: (B, V) whether each was seen."""
+        features = F.adaptive_max_pool2d(self.convs(views[:, :, :, :self.rows].flatten(0, 1)), self.grid).flatten(1)
+        features = (features.unflatten(0, views.shape[:2]) * present[..., None].to(features.dtype)).sum(1)
+        features = F.dropout(features, self.dropout, self.training)
         return {name: head(features) for name, head in self.heads.items()}
 
 
@@ -219,16 +225,16 @@ class MultiViewEncoder(nn.Module):
         return channels
 
     def crop_inputs(self, pixels, tapped):
-        """What the crops read, by (camera, tap), (B, C, h, w): the camera's pixels, or the stem's output after
-        block tap (tapped: {tap: (B, V, C, h, w)}, from stem_outputs)."""
-        return {(crop.camera, crop.tap): (pixels if crop.tap is None else tapped[crop.tap])[:, self.camera_names.index(crop.camera)]
+        """What the crops read, by (camera, tap), (B, V, C, h, w) over the crop's cameras: their pixels, or the
+        stem's output after block tap (tapped: {tap: (B, V, C, h, w)}, from stem_outputs)."""
+        return {(crop.camera, crop.tap): (pixels if crop.tap is None else tapped[crop.tap])[:, crop.views(self.camera_names)]
                 for crop in self.crops}
 
     def crop_logits(self, view_mask, inputs):
         """The crops' tag logits, added up by tag ({} without crops); inputs: crop_inputs."""
         logits = {}
         for crop in self.crops:
-            present = view_mask[:, self.camera_names.index(crop.camera)]
+            present = view_mask[:, crop.views(self.camera_names)]
             for name, value in crop(inputs[crop.camera, crop.tap], present).items():
                 logits[name] = logits[name] + value if name in logits else value
         return logits

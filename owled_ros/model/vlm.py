@@ -417,7 +417,7 @@ def check_config(config, shapes, path):
          "this model with this version")
     crops = vision["crops"]
     need(isinstance(crops, list) and all(
-        isinstance(crop, dict) and crop.get("camera") in vision["cameras"] and
+        isinstance(crop, dict) and crop.get("camera") in [*vision["cameras"], "all"] and
         all(type(crop.get(k)) is int and crop[k] > 0 for k in ("rows", "channels")) and
         isinstance(crop.get("strides", [1]), list) and all(type(n) is int and n > 0 for n in crop.get("strides", [1])) and
         (crop.get("tap") is None or type(crop["tap"]) is int and crop["tap"] >= 0) and
@@ -425,9 +425,9 @@ def check_config(config, shapes, path):
         isinstance(crop.get("grid", [1, 3]), list) and len(crop.get("grid", [1, 3])) == 2 and
         all(type(n) is int and n > 0 for n in crop.get("grid", [1, 3])) and
         isinstance(crop.get("tags"), list) and set(crop["tags"]) <= set(vision["tags"]) for crop in crops),
-         f"vision.crops {crops!r} is not a list of {{camera: one of vision.cameras, rows, channels: positive integers, "
-         "tags: a list of vision.tags[, tap: a stem block, strides: the 3x3 convolutions' strides, grid: [rows, columns], "
-         "dropout: in [0, 1)]}")
+         f"vision.crops {crops!r} is not a list of {{camera: one of vision.cameras or \"all\", rows, channels: positive "
+         "integers, tags: a list of vision.tags[, tap: a stem block, strides: the 3x3 convolutions' strides, grid: [rows, "
+         "columns], dropout: in [0, 1)]}")
     stacks = {"vision.blocks": vision["layers"]}
     lm = config["lm"]
     if config["family"] == "t5":
