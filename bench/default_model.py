@@ -91,8 +91,10 @@ def plot_curves(curves, path):
 
 
 def crop_source(crop):
+    cameras = "every camera's" if crop["camera"] == "all" else f"{crop['camera']}'s"
     source = "pixels" if crop.get("tap") is None else f"backbone features after block {crop['tap']}"
-    return f"{source} (top {crop['rows']} rows, maximum over a {'x'.join(map(str, crop.get('grid', [1, 3])))} grid)"
+    added = ", added over the cameras" if crop["camera"] == "all" else ""
+    return f"{cameras} {source} (top {crop['rows']} rows, maximum over a {'x'.join(map(str, crop.get('grid', [1, 3])))} grid{added})"
 
 
 def recipe_extras(vision):
@@ -102,7 +104,7 @@ def recipe_extras(vision):
     return ((f", {len(tags)} tags" if tags else "")
             + (f", view summaries of width {views} added over the views" if views else "")
             + "".join(f", a rule for {name} from {', '.join(inputs)}" for name, inputs in rules.items())
-            + "".join(f", a crop of {crop['camera']}'s {crop_source(crop)} for {', '.join(crop['tags'])}" for crop in crops)
+            + "".join(f", a crop of {crop_source(crop)} for {', '.join(crop['tags'])}" for crop in crops)
             + (f", tag heads' dropout {dropout:g}" if dropout else ""))
 
 

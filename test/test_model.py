@@ -159,8 +159,9 @@ def test_a_crop_of_every_camera_adds_its_maxima_over_the_cameras_present(frames)
     one[0, 0], both[0, :2] = True, True
     with torch.no_grad():
         view_tokens, inputs = model.vision.encode(pixels, torch.arange(6))
+        assert inputs["all", 0].shape[:2] == (1, 6)
         tapped = model.vision.stem[0](pixels.flatten(0, 1)).unflatten(0, (1, 6))  # the stem's block 0, on its own
-        assert torch.allclose(inputs["all", 0], tapped, atol=1e-6)
+        assert torch.allclose(inputs["all", 0], tapped)
         bias = crop.heads["n_cars"].bias
         read = {name: model.vision.crop_logits(mask, inputs)["n_cars"] - bias for name, mask in
                 (("one", one), ("both", both), ("none", none))}
